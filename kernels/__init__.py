@@ -1,0 +1,8 @@
+"""fastprompt.kernels: fused ops for prompt tuning, with their plain-PyTorch reference twins.
+
+`reference` holds the spec (materialises everything, any device). Imports nothing of fastprompt.
+"""
+from . import reference
+from .reference import cat_head_logits, cat_head_loss, decoupled_attention
+
+__all__ = ["reference", "decoupled_attention", "cat_head_loss", "cat_head_logits"]

@@ -1,0 +1,124 @@
+"""The typed config: YAML + overrides, strict keys with suggestions, clear type errors."""
+import pytest
+import yaml
+
+from fastprompt.config import (
+    Config,
+    ConfigError,
+    check_method_options,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = load_config()
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.0035, 0.9, 5e-4)
+    assert (cfg.optim.head_lr_mult, cfg.optim.warmup_epochs, cfg.optim.warmup_lr) == (6.5, 1, 1e-5)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.shots, cfg.data.seeds) == (10, 4, 16, [1, 2, 3])
+
+
+def test_yaml_then_overrides_with_coercion(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.002}, "train": {"epochs": 5}, "method": {"name": "cocoop"}}))
+    cfg = load_config(path, ["optim.lr=1e-3", "data.seeds=4,5", "train.compile=true", "optim.grad_clip=2",
+                             "method.options.n_ctx=8", "protocol.targets=[a, b]"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as str
+    assert cfg.train.epochs == 5 and cfg.method.name == "cocoop"
+    assert cfg.data.seeds == [4, 5] and cfg.train.compile is True
+    assert cfg.optim.grad_clip == 2.0 and isinstance(cfg.optim.grad_clip, float)
+    assert cfg.method.options == {"n_ctx": 8} and cfg.protocol.targets == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("optim.lrr=0.1", "optim.lr"),
+        ("train.epoch=3", "train.epochs"),
+        ("train.lr=0.1", "optim.lr"),  # right name, wrong section
+        ("modle.name=x", "model.name"),
+        ("data.seed=1", "data.seeds"),
+    ],
+)
+def test_unknown_key_names_it_and_suggests(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    key = override.split("=")[0]
+    assert f"'{key}'" in str(err.value) and f"did you mean '{suggestion}'" in str(err.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  momentun: 0.9\n")
+    with pytest.raises(ConfigError, match=r"'optim.momentun'.*did you mean 'optim.momentum'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+        ("train.epochs=2.5", "train.epochs: expected int, got 2.5"),
+        ("train.batch_size=true", "train.batch_size: expected int, got True"),
+        ("train.precision=fp8", "train.precision: expected one of 'fp32' | 'bf16' | 'fp16', got 'fp8'"),
+        ("train.compile=maybe", "train.compile: expected bool, got 'maybe'"),
+        ("data.seeds=[1, x]", "data.seeds[1]: expected int, got 'x'"),
+        ("model=3", "model: expected a mapping, got 3"),
+    ],
+)
+def test_wrong_type_names_key_type_and_value(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["train.epochs=0", "optim.lr=-1", "optim.grad_clip=0", "data.seeds=[]"])
+def test_out_of_range_values(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [override])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="no sub-key 'x'"):
+        load_config(None, ["optim.lr.x=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["optim.lr=0.01", "method.options.n_ctx=4", "data.cache_dir=null"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_method_options_checked_against_defaults():
+    defaults = {"n_ctx": 16, "ctx_init": None, "lam": 0.7}
+    cfg = load_config(None, ["method.name=coop", "method.options.n_ctx=4", "method.options.lam=1"])
+    resolved = check_method_options(cfg, ["coop", "dept+coop"], defaults)
+    assert resolved == {"n_ctx": 4, "ctx_init": None, "lam": 1.0} and isinstance(resolved["lam"], float)
+    with pytest.raises(ConfigError, match=r"'method.options.n_cxt'.*did you mean 'method.options.n_ctx'"):
+        check_method_options(load_config(None, ["method.options.n_cxt=4"]), ["dept+coop"], defaults)
+    with pytest.raises(ConfigError, match=r"method.options.n_ctx: expected int, got 'many'"):
+        check_method_options(load_config(None, ["method.options.n_ctx=many"]), ["dept+coop"], defaults)
+    with pytest.raises(ConfigError, match=r"unknown method 'dept\+cop'.*did you mean 'dept\+coop'"):
+        check_method_options(load_config(None, ["method.name=dept+cop"]), ["coop", "dept+coop"], defaults)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+    assert configs, "configs/ holds no YAML"
+    for path in configs:
+        assert isinstance(load_config(path), Config), path

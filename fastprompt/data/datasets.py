@@ -1,0 +1,82 @@
+"""The dataset registry and `load_dataset`: one entry per supported layout."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DatasetError
+from .imagefolder import IMAGEFOLDER_LAYOUT, load_imagefolder
+from .imagenet import IMAGENET_LAYOUT, load_imagenet, load_imagenet_variant, variant_layout
+from .split_files import FGVC_LAYOUT, load_fgvc_aircraft, load_split_file_dataset, split_file_layout
+from .splits import DatasetSplits
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to find and read one dataset under a data root.
+
+    `folder` is the dataset's folder under the data root (None: the root itself is the dataset, as
+    for "imagefolder"); `layout` is the expected tree, shown in errors and docs.
+    """
+
+    name: str
+    folder: str | None
+    layout: str
+    read: Callable[[Path, Path], DatasetSplits]  # (data root, dataset folder) -> splits
+
+
+def _split_file_spec(name: str, folder: str, image_dir: str, split_file: str) -> DatasetSpec:
+    return DatasetSpec(
+        name, folder, split_file_layout(folder, image_dir, split_file),
+        lambda root, d: load_split_file_dataset(name, d, image_dir, split_file, folder),
+    )
+
+
+def _variant_spec(name: str, folder: str) -> DatasetSpec:
+    return DatasetSpec(name, folder, variant_layout(name), lambda root, d: load_imagenet_variant(root, name))
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "imagenet": DatasetSpec("imagenet", "imagenet", IMAGENET_LAYOUT, lambda root, d: load_imagenet(d)),
+    "caltech101": _split_file_spec("caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "oxford_pets": _split_file_spec("oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    # Cars' relpaths already start with cars_train/ or cars_test/, so the image folder is the dataset folder.
+    "stanford_cars": _split_file_spec("stanford_cars", "stanford_cars", "", "split_zhou_StanfordCars.json"),
+    "oxford_flowers": _split_file_spec("oxford_flowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    "food101": _split_file_spec("food101", "food-101", "images", "split_zhou_Food101.json"),
+    "fgvc_aircraft": DatasetSpec("fgvc_aircraft", "fgvc_aircraft", FGVC_LAYOUT, lambda root, d: load_fgvc_aircraft(d)),
+    "sun397": _split_file_spec("sun397", "sun397", "SUN397", "split_zhou_SUN397.json"),
+    "dtd": _split_file_spec("dtd", "dtd", "images", "split_zhou_DescribableTextures.json"),
+    "eurosat": _split_file_spec("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json"),
+    "ucf101": _split_file_spec("ucf101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    "imagenet_v2": _variant_spec("imagenet_v2", "imagenetv2"),
+    "imagenet_sketch": _variant_spec("imagenet_sketch", "imagenet-sketch"),
+    "imagenet_a": _variant_spec("imagenet_a", "imagenet-adversarial"),
+    "imagenet_r": _variant_spec("imagenet_r", "imagenet-rendition"),
+    "imagefolder": DatasetSpec("imagefolder", None, IMAGEFOLDER_LAYOUT, lambda root, d: load_imagefolder(d)),
+}
+
+
+def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
+    """Read dataset `name` from the data root `root` (the community layout, see PROTOCOLS.md).
+
+    For "imagefolder", `root` is the image folder itself. For the others `root` is the data root
+    holding e.g. `caltech-101/`; `root` may also be the dataset's own folder when it carries the
+    layout's folder name (e.g. `/data/caltech-101`). Raises DatasetError, naming the path
+    and showing the expected tree, when the layout does not match.
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    spec = DATASETS[name]
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout:\n{spec.layout}")
+    if spec.folder is None:
+        return spec.read(root, root)
+    dataset_dir = root / spec.folder
+    if not dataset_dir.exists() and root.name == spec.folder:
+        dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
+    return spec.read(root, dataset_dir)

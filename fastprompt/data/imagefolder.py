@@ -1,0 +1,94 @@
+"""A plain ImageFolder tree for users' own data.
+
+Two shapes are accepted under `root`:
+
+* `root/train/<class>/*` with optional `root/val/<class>/*` and `root/test/<class>/*`: used as
+  given (a missing val or test split is empty; a warning is logged for a missing test split).
+* `root/<class>/*` (one level of class folders): split per class deterministically: the class's
+  files sorted by name, shuffled by `random.Random("<folder name>")`, then the first 20% (rounded)
+  go to test, the next 10% to val and the rest (at least one image) to train. The same files always
+  give the same split on any machine.
+
+Labels follow the sorted class-folder names; a class name is its folder name with underscores
+replaced by spaces.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from .errors import DatasetError
+from .images import list_images, list_subfolders, require_dir
+from .splits import DatasetSplits, Sample
+
+log = logging.getLogger(__name__)
+
+IMAGEFOLDER_LAYOUT = (
+    "<root>/\n"
+    "  train/<class name>/*.png|jpg     (one folder per class; '_' in a folder name reads as a space)\n"
+    "  val/<class name>/*               (optional)\n"
+    "  test/<class name>/*              (optional)\n"
+    "or, to have fastprompt split it (70% train / 10% val / 20% test per class, deterministic):\n"
+    "<root>/<class name>/*.png|jpg"
+)
+FLAT_TEST_FRACTION = 0.2
+FLAT_VAL_FRACTION = 0.1
+
+
+def _classname(folder: str) -> str:
+    return folder.replace("_", " ")
+
+
+def _read_split(folder: Path, classes: list[str], split: str) -> list[Sample]:
+    label_of = {c: i for i, c in enumerate(classes)}
+    found = list_subfolders(folder)
+    unknown = [c for c in found if c not in label_of]
+    if unknown:
+        raise DatasetError(
+            f"{split} folder {str(folder)!r} has class folders {unknown[:10]} that train/ lacks; every class "
+            f"must appear in train/. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+        )
+    samples = []
+    for c in found:
+        files = list_images(folder / c)
+        if not files:
+            raise DatasetError(f"class folder {str(folder / c)!r} holds no images (extensions: jpg, png, ...)")
+        samples += [Sample(p, label_of[c], _classname(c)) for p in files]
+    return samples
+
+
+def load_imagefolder(root: Path) -> DatasetSplits:
+    require_dir(root, "image folder root", IMAGEFOLDER_LAYOUT)
+    name = root.resolve().name or "imagefolder"
+    train_dir = root / "train"
+    if train_dir.is_dir():
+        classes = list_subfolders(train_dir)
+        if not classes:
+            raise DatasetError(f"{str(train_dir)!r} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+        train = _read_split(train_dir, classes, "train")
+        splits = {"train": train}
+        for split in ("val", "test"):
+            folder = root / split
+            splits[split] = _read_split(folder, classes, split) if folder.is_dir() else []
+        if not splits["test"]:
+            log.warning("image folder %s has no test/ split: evaluation will have nothing to score", root)
+        return DatasetSplits(name, [_classname(c) for c in classes], train, splits["val"], splits["test"])
+
+    classes = list_subfolders(root)
+    if not classes:
+        raise DatasetError(f"{str(root)!r} has neither train/ nor class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+    train, val, test = [], [], []
+    for label, c in enumerate(classes):
+        files = list_images(root / c)
+        if not files:
+            raise DatasetError(f"class folder {str(root / c)!r} holds no images (extensions: jpg, png, ...)")
+        random.Random(c).shuffle(files)  # str seeds hash via SHA-512: stable across runs and machines
+        n = len(files)
+        n_test = min(round(n * FLAT_TEST_FRACTION), n - 1)
+        n_val = min(round(n * FLAT_VAL_FRACTION), n - 1 - n_test)
+        mk = lambda paths: [Sample(p, label, _classname(c)) for p in sorted(paths)]  # noqa: E731
+        test += mk(files[:n_test])
+        val += mk(files[n_test:n_test + n_val])
+        train += mk(files[n_test + n_val:])
+    return DatasetSplits(name, [_classname(c) for c in classes], train, val, test)

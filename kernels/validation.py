@@ -6,6 +6,7 @@ backend runs. Every error names the argument and says what was expected.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Optional
 
 import torch
@@ -110,7 +111,14 @@ def check_cat_head_args(
     logit_scale,
     lam,
     check_finite: bool = True,
+    check_values: bool = True,
 ) -> None:
+    """Validate the CAT head's arguments (shapes, dtypes, devices, ranges).
+
+    check_values=False skips the checks that read tensor data (label range, NaN/inf features, the
+    value of a tensor logit_scale): they need a device sync and break torch.compile graphs, so a
+    compiled op runs them later, in its eager implementation, through `check_cat_head_values`.
+    """
     check_tensor("image_features", image_features, ndim=2)
     b, d = image_features.shape
     check_tensor("text_features", text_features)
@@ -152,15 +160,10 @@ def check_cat_head_args(
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
-        s = float(logit_scale.detach().reshape(()).item())
     elif isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):
-        s = float(logit_scale)
+        _check_logit_scale_value(float(logit_scale))
     else:
         raise ValueError(f"logit_scale must be a float or a scalar tensor, got {logit_scale!r}")
-    if not s > 0:
-        raise ValueError(
-            f"logit_scale must be the positive multiplier s = exp(CLIP's logit_scale) (about 100), got {s}"
-        )
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0.0 <= float(lam) <= 1.0:
         raise ValueError(f"lam must be a float in [0, 1] (the CAT head's share), got {lam!r}")
     tensors = dict(image_features=image_features, text_features=text_features, weight=weight, bias=bias, **vectors)
@@ -170,12 +173,75 @@ def check_cat_head_args(
         check_same_device(image_features=image_features, labels=labels)
         if labels.shape[0] != b:
             raise ValueError(f"labels must have shape [{b}] (one per image), got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
-            raise ValueError(
-                f"labels must lie in [0, {c}) for C={c} classes; got min {int(labels.min())}, "
-                f"max {int(labels.max())}"
-            )
+    if check_values:
+        check_cat_head_values(
+            image_features, text_features, labels, num_classes=c, logit_scale=logit_scale, check_finite=check_finite
+        )
+
+
+def _check_logit_scale_value(s: float) -> None:
+    if not s > 0:
+        raise ValueError(
+            f"logit_scale must be the positive multiplier s = exp(CLIP's logit_scale) (about 100), got {s}"
+        )
+
+
+def check_cat_head_values(
+    image_features, text_features, labels=None, *, num_classes: int, logit_scale, check_finite: bool = True
+) -> None:
+    """The data-dependent CAT head checks: tensor logit_scale > 0, labels in [0, C), finite features.
+
+    One device sync on the happy path (all conditions gathered into one flag); the detailed checks,
+    which say what is wrong, run only when that flag is raised.
+    """
+    c = num_classes
+    scale_is_tensor = isinstance(logit_scale, torch.Tensor)
+    has_labels = labels is not None and labels.numel() > 0
+    flags = []
+    if scale_is_tensor:
+        flags.append(~(logit_scale.detach().reshape(()) > 0))
+    if has_labels:
+        flags.append(((labels < 0) | (labels >= c)).any())
     if check_finite:
-        for name in ("image_features", "text_features"):
-            if not bool(torch.isfinite(tensors[name]).all()):
+        flags.append(~torch.isfinite(image_features).all())
+        flags.append(~torch.isfinite(text_features).all())
+    if not flags or not bool(torch.stack([f.to(image_features.device) for f in flags]).any()):
+        return
+    if scale_is_tensor:
+        _check_logit_scale_value(float(logit_scale.detach().reshape(()).item()))
+    if has_labels and (int(labels.min()) < 0 or int(labels.max()) >= c):
+        raise ValueError(
+            f"labels must lie in [0, {c}) for C={c} classes; got min {int(labels.min())}, "
+            f"max {int(labels.max())}"
+        )
+    if check_finite:
+        for name, t in (("image_features", image_features), ("text_features", text_features)):
+            if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or inf; check the encoder outputs (mixed-precision overflow?)")
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def check_triton_device(op: str, fallback: str, **tensors: torch.Tensor) -> None:
+    """Raise a ValueError where a Triton kernel cannot run on these tensors.
+
+    Triton runs natively on CUDA tensors, and on CPU tensors only under its interpreter. `fallback`
+    names what to use instead (the plain-PyTorch reference path).
+    """
+    device = next(t.device for t in tensors.values() if isinstance(t, torch.Tensor))
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"{op} needs Triton, which is not installed ({exc}); use {fallback} instead") from exc
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and triton_interpreter_enabled():
+        return
+    raise ValueError(
+        f"{op} runs Triton kernels, which need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+        f"before triton is imported); got tensors on {device}. Use {fallback} instead (plain PyTorch, any device)."
+    )
+

@@ -1,0 +1,829 @@
+"""DePT's CAT head + ITM fusion + cross-entropy as fused Triton kernels (forward and backward).
+
+Same maths and signatures as `fastprompt.kernels.reference.cat_head_loss` / `cat_head_logits`
+(see shared/design/DEPT.md). Shapes: B rows (images), C classes, d features.
+
+Forward (`_loss_fwd_kernel`, one program per block of rows, online logsumexp over C tiles):
+    g_I = gamma_I f_I + beta_I,  g_T = gamma_T f_T[y] + beta_T      (text row gathered by label)
+    z_img = g_I W^T + b,  z_txt = g_T W^T + b,  z_itm = s cos(f_I, f_T)
+    loss = (1 - lam)/B sum CE(z_itm) + lam/(2B) sum [CE(z_img) + CE(z_txt)]
+Neither g nor any logit reaches global memory; it writes one loss term per row, the three
+per-row log-sum-exps and the inverse feature norms, which is all the backward needs.
+
+Backward (no atomics, so bit-for-bit deterministic):
+  1. `_logit_grad_kernel`  (row blocks x class blocks): recompute the logits of a tile, write
+     dz = dL/dz for the three heads plus dz_itm * z_itm, fp32 [4, B, C].
+  2. `_row_grad_kernel`    (row blocks x feature blocks, loop over C): dg = dz W and the ITM
+     gradient -> d f_I (and d f_T for per-image text); per-row-block partial sums of
+     dgamma/dbeta (written [row blocks, d], summed in a second pass).
+  3. `_class_grad_kernel`  (class blocks x feature blocks x row splits, loop over the split's rows):
+     dW = dz^T g, db, and for shared text [C, d] d f_T (ITM part plus the CAT rows scattered back
+     to their label through a one-hot product); split-K partials [splits, C, d] summed in a second pass.
+
+Dot products run with fp32 accumulation: fp32 inputs use exact fp32 ("ieee") dots, fp16/bf16
+inputs tf32 dots (operands upcast: dz is too small for fp16's range when B is large).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Tuple
+
+import torch
+
+from .validation import check_cat_head_args, check_cat_head_values, check_triton_device, triton_interpreter_enabled
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAS_TRITON = False
+
+__all__ = ["cat_head_loss", "cat_head_logits"]
+
+# F.normalize divides by max(|x|, eps): below eps the gradient is a plain 1/eps scaling.
+NORM_EPS = 1e-12
+_FALLBACK = 'head_backend="reference" (fastprompt.kernels.reference.cat_head_loss / cat_head_logits)'
+
+# Tests set this to a BlockSizes to force small tiles (several C tiles, several row splits) on
+# small problems; None picks sizes from the problem and the device.
+FORCE_BLOCKS = None
+
+
+class BlockSizes:
+    """Tile sizes for the four kernels (every dot dimension must be >= 16)."""
+
+    def __init__(self, rows: int, classes: int, features: int, splits: Optional[int] = None, num_warps: int = 4):
+        self.rows, self.classes, self.features = rows, classes, features
+        self.splits, self.num_warps = splits, num_warps
+
+    def __repr__(self) -> str:
+        return f"BlockSizes(rows={self.rows}, classes={self.classes}, features={self.features}, splits={self.splits})"
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, device: torch.device) -> BlockSizes:
+    if FORCE_BLOCKS is not None:
+        return FORCE_BLOCKS
+    if device.type != "cuda":
+        # The interpreter pays per operation, not per element: few large tiles run fastest.
+        if per_row_text:
+            return BlockSizes(_pow2_clamp(b, 16, 32), _pow2_clamp(c, 16, 64), _pow2_clamp(d, 16, 64), splits=1)
+        return BlockSizes(_pow2_clamp(b, 16, 64), _pow2_clamp(c, 16, 128), _pow2_clamp(d, 16, 128), splits=1)
+    # GPU: a 3-D [rows, classes, features] text tile lives in registers; keep it near 8K elements.
+    if per_row_text:
+        return BlockSizes(16, 16, 32)
+    return BlockSizes(16 if b <= 512 else 32, 64, 64)
+
+
+def _row_splits(blocks: BlockSizes, b: int, c: int, d: int, device: torch.device) -> int:
+    """How many slices of rows the class-side reduction is split into (split-K)."""
+    row_blocks = triton.cdiv(b, blocks.rows)
+    if blocks.splits is not None:
+        return max(1, min(blocks.splits, row_blocks))
+    tiles = triton.cdiv(c, blocks.classes) * triton.cdiv(d, blocks.features)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Enough programs to fill the chip twice over, but never a slice thinner than 4 row blocks.
+    return max(1, min(triton.cdiv(2 * sms, tiles), row_blocks // 4))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR: tl.constexpr):
+        if SCALE_FROM_PTR:
+            return tl.load(scale_ptr).to(tl.float32)
+        return scale_value
+
+    @triton.jit
+    def _loss_fwd_kernel(
+        img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr, bias_ptr,
+        scale_ptr, scale_value, coef_itm, coef_cat,
+        loss_rows_ptr, lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr,
+        B, C, D,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One program: BLOCK_B rows against all C classes. Writes loss_rows [B], lse [3, B]
+        (itm, cat image, cat text), inv_norm_img [B] and inv_norm_txt ([C] from program 0, or [B, C])."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        rows64 = rows.to(tl.int64)
+        y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+        if PER_ROW_TEXT:
+            true_txt_row = (rows64 * C + y) * D
+        else:
+            true_txt_row = y * D
+        ks0 = tl.arange(0, BLOCK_D)
+
+        # Image norms first: every C tile needs them.
+        ssq_i = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + ks0
+            f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0).to(tl.float32)
+            ssq_i += tl.sum(f_i * f_i, axis=1)
+        inv_ni = 1.0 / tl.maximum(tl.sqrt(ssq_i), NORM_EPS)
+
+        neg_inf = float("-inf")
+        m_itm = tl.full([BLOCK_B], neg_inf, tl.float32)
+        m_img = tl.full([BLOCK_B], neg_inf, tl.float32)
+        m_txt = tl.full([BLOCK_B], neg_inf, tl.float32)
+        l_itm = tl.zeros([BLOCK_B], dtype=tl.float32)
+        l_img = tl.zeros([BLOCK_B], dtype=tl.float32)
+        l_txt = tl.zeros([BLOCK_B], dtype=tl.float32)
+        t_itm = tl.zeros([BLOCK_B], dtype=tl.float32)
+        t_img = tl.zeros([BLOCK_B], dtype=tl.float32)
+        t_txt = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            cols64 = cols.to(tl.int64)
+            acc_img = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+            acc_txt = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+            raw_itm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+            if PER_ROW_TEXT:
+                ssq_t = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+            else:
+                ssq_t = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                ks = k0 + ks0
+                k_ok = ks < D
+                rk_mask = row_ok[:, None] & k_ok[None, :]
+                f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+                f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+                gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                beta_t = tl.load(beta_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                g_i = f_i * gamma_i[None, :] + beta_i[None, :]
+                g_t = f_tt * gamma_t[None, :] + beta_t[None, :]
+                w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                w_t = tl.trans(w)
+                acc_img += tl.dot(g_i, w_t, input_precision=PRECISION)
+                acc_txt += tl.dot(g_t, w_t, input_precision=PRECISION)
+                if PER_ROW_TEXT:
+                    # Each row has its own C x d text matrix: a batched mat-vec, not a matmul.
+                    f_t = tl.load(
+                        txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
+                        mask=row_ok[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :], other=0.0,
+                    ).to(tl.float32)
+                    raw_itm += tl.sum(f_i[:, None, :] * f_t, axis=2)
+                    ssq_t += tl.sum(f_t * f_t, axis=2)
+                else:
+                    f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                    raw_itm += tl.dot(f_i, tl.trans(f_t), input_precision=PRECISION)
+                    ssq_t += tl.sum(f_t * f_t, axis=1)
+            inv_nt = 1.0 / tl.maximum(tl.sqrt(ssq_t), NORM_EPS)
+            if PER_ROW_TEXT:
+                z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
+                tl.store(inv_norm_txt_ptr + rows64[:, None] * C + cols64[None, :], inv_nt, mask=row_ok[:, None] & col_ok[None, :])
+            else:
+                z_itm = s * raw_itm * inv_ni[:, None] * inv_nt[None, :]
+                # Every program computes the same class norms; one of them keeps them.
+                tl.store(inv_norm_txt_ptr + cols64, inv_nt, mask=col_ok & (pid == 0))
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            z_img = acc_img + bias[None, :]
+            z_txt = acc_txt + bias[None, :]
+            valid = col_ok[None, :]
+            is_target = cols64[None, :] == y[:, None]
+            z_itm = tl.where(valid, z_itm, neg_inf)
+            z_img = tl.where(valid, z_img, neg_inf)
+            z_txt = tl.where(valid, z_txt, neg_inf)
+            t_itm += tl.sum(tl.where(is_target, z_itm, 0.0), axis=1)
+            t_img += tl.sum(tl.where(is_target, z_img, 0.0), axis=1)
+            t_txt += tl.sum(tl.where(is_target, z_txt, 0.0), axis=1)
+            # Online logsumexp: rescale the running sum to the new running max.
+            new_m = tl.maximum(m_itm, tl.max(z_itm, axis=1))
+            l_itm = l_itm * tl.exp(m_itm - new_m) + tl.sum(tl.exp(z_itm - new_m[:, None]), axis=1)
+            m_itm = new_m
+            new_m = tl.maximum(m_img, tl.max(z_img, axis=1))
+            l_img = l_img * tl.exp(m_img - new_m) + tl.sum(tl.exp(z_img - new_m[:, None]), axis=1)
+            m_img = new_m
+            new_m = tl.maximum(m_txt, tl.max(z_txt, axis=1))
+            l_txt = l_txt * tl.exp(m_txt - new_m) + tl.sum(tl.exp(z_txt - new_m[:, None]), axis=1)
+            m_txt = new_m
+        lse_itm = m_itm + tl.log(l_itm)
+        lse_img = m_img + tl.log(l_img)
+        lse_txt = m_txt + tl.log(l_txt)
+        loss_row = coef_itm * (lse_itm - t_itm) + coef_cat * ((lse_img - t_img) + (lse_txt - t_txt))
+        tl.store(loss_rows_ptr + rows, loss_row, mask=row_ok)
+        tl.store(lse_ptr + rows, lse_itm, mask=row_ok)
+        tl.store(lse_ptr + B + rows, lse_img, mask=row_ok)
+        tl.store(lse_ptr + 2 * B + rows, lse_txt, mask=row_ok)
+        tl.store(inv_norm_img_ptr + rows, inv_ni, mask=row_ok)
+
+    @triton.jit
+    def _logit_grad_kernel(
+        img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr, bias_ptr,
+        scale_ptr, scale_value, grad_loss_ptr, coef_itm, coef_cat,
+        lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr, dz_ptr,
+        B, C, D,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dz [4, B, C] fp32: dL/dz for itm, cat image, cat text, and (dL/dz_itm) * z_itm."""
+        pid_b = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        rows64 = rows.to(tl.int64)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        cols64 = cols.to(tl.int64)
+        y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+        if PER_ROW_TEXT:
+            true_txt_row = (rows64 * C + y) * D
+        else:
+            true_txt_row = y * D
+        acc_img = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        acc_txt = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        raw_itm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            k_ok = ks < D
+            rk_mask = row_ok[:, None] & k_ok[None, :]
+            f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+            f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+            gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            beta_t = tl.load(beta_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            g_i = f_i * gamma_i[None, :] + beta_i[None, :]
+            g_t = f_tt * gamma_t[None, :] + beta_t[None, :]
+            w_t = tl.trans(tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32))
+            acc_img += tl.dot(g_i, w_t, input_precision=PRECISION)
+            acc_txt += tl.dot(g_t, w_t, input_precision=PRECISION)
+            if PER_ROW_TEXT:
+                f_t = tl.load(
+                    txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
+                    mask=row_ok[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :], other=0.0,
+                ).to(tl.float32)
+                raw_itm += tl.sum(f_i[:, None, :] * f_t, axis=2)
+            else:
+                f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                raw_itm += tl.dot(f_i, tl.trans(f_t), input_precision=PRECISION)
+        inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
+        tile_mask = row_ok[:, None] & col_ok[None, :]
+        if PER_ROW_TEXT:
+            inv_nt = tl.load(inv_norm_txt_ptr + rows64[:, None] * C + cols64[None, :], mask=tile_mask, other=0.0)
+        else:
+            inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+        z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        z_img = acc_img + bias[None, :]
+        z_txt = acc_txt + bias[None, :]
+        lse_itm = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        lse_img = tl.load(lse_ptr + B + rows, mask=row_ok, other=0.0)
+        lse_txt = tl.load(lse_ptr + 2 * B + rows, mask=row_ok, other=0.0)
+        g = tl.load(grad_loss_ptr).to(tl.float32)
+        onehot = tl.where(cols64[None, :] == y[:, None], 1.0, 0.0)
+        # d CE / d z = softmax - onehot, times the head's weight and the upstream gradient.
+        dz_itm = (g * coef_itm) * (tl.exp(z_itm - lse_itm[:, None]) - onehot)
+        dz_img = (g * coef_cat) * (tl.exp(z_img - lse_img[:, None]) - onehot)
+        dz_txt = (g * coef_cat) * (tl.exp(z_txt - lse_txt[:, None]) - onehot)
+        offs = rows64[:, None] * C + cols64[None, :]
+        plane = B * C
+        tl.store(dz_ptr + offs, dz_itm, mask=tile_mask)
+        tl.store(dz_ptr + plane + offs, dz_img, mask=tile_mask)
+        tl.store(dz_ptr + 2 * plane + offs, dz_txt, mask=tile_mask)
+        tl.store(dz_ptr + 3 * plane + offs, dz_itm * z_itm, mask=tile_mask)
+
+    @triton.jit
+    def _row_grad_kernel(
+        img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, gamma_t_ptr, w_ptr,
+        scale_ptr, scale_value, inv_norm_img_ptr, inv_norm_txt_ptr, dz_ptr,
+        d_img_ptr, d_txt_ptr, dg_txt_ptr, part_ptr,
+        B, C, D,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Reductions over classes for a block of rows and a slice of features.
+
+        d f_I = gamma_I (dz_img W) + ITM part; dg_txt [B, D] fp32 = gamma_T (dz_txt W) (the CAT
+        gradient of each text row, before scattering to its label); per-tile partial sums
+        part [4, row blocks, D] = dgamma_I, dbeta_I, dgamma_T, dbeta_T. For per-row text also
+        d f_T [B, C, D] in full (ITM part everywhere, plus the CAT part at column y).
+        """
+        pid_b = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        rows64 = rows.to(tl.int64)
+        ks = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        k_ok = ks < D
+        rk_mask = row_ok[:, None] & k_ok[None, :]
+        y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+        f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+        inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
+        u = f_i * inv_ni[:, None]
+        plane = B * C
+        acc_gi = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        acc_gt = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        dzz_rowsum = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            cols64 = cols.to(tl.int64)
+            tile_mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows64[:, None] * C + cols64[None, :]
+            dz_itm = tl.load(dz_ptr + offs, mask=tile_mask, other=0.0)
+            dz_img = tl.load(dz_ptr + plane + offs, mask=tile_mask, other=0.0)
+            dz_txt = tl.load(dz_ptr + 2 * plane + offs, mask=tile_mask, other=0.0)
+            dzz = tl.load(dz_ptr + 3 * plane + offs, mask=tile_mask, other=0.0)
+            ck_mask = col_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
+            acc_gi += tl.dot(dz_img, w, input_precision=PRECISION)
+            acc_gt += tl.dot(dz_txt, w, input_precision=PRECISION)
+            dzz_rowsum += tl.sum(dzz, axis=1)
+            if PER_ROW_TEXT:
+                inv_nt = tl.load(inv_norm_txt_ptr + offs, mask=tile_mask, other=0.0)
+                f_t = tl.load(
+                    txt_ptr + offs[:, :, None] * D + ks[None, None, :],
+                    mask=tile_mask[:, :, None] & k_ok[None, None, :], other=0.0,
+                ).to(tl.float32)
+                dz_scaled = dz_itm * (s * inv_nt)
+                acc_u += tl.sum(dz_scaled[:, :, None] * f_t, axis=1)
+                # ITM gradient of each text vector: s dz / |t| (u - cos v), v = t / |t|.
+                proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
+                d_t = dz_scaled[:, :, None] * u[:, None, :] - (dzz * inv_nt * inv_nt * proj_t)[:, :, None] * f_t
+                # The label's column also gets the CAT part, known only after the loop: written there.
+                not_label = cols64[None, :] != y[:, None]
+                tl.store(
+                    d_txt_ptr + offs[:, :, None] * D + ks[None, None, :], d_t,
+                    mask=(tile_mask & not_label)[:, :, None] & k_ok[None, None, :],
+                )
+            else:
+                inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
+                f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
+                acc_u += tl.dot(dz_itm * (s * inv_nt)[None, :], f_t, input_precision=PRECISION)
+        gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        # Projection onto the tangent of the sphere: du - (du . u) u, with du . u = sum_c dz z.
+        proj_i = tl.where(inv_ni < 1.0 / NORM_EPS, 1.0, 0.0)
+        d_i = gamma_i[None, :] * acc_gi + (acc_u - (dzz_rowsum * proj_i)[:, None] * u) * inv_ni[:, None]
+        tl.store(d_img_ptr + rows64[:, None] * D + ks[None, :], d_i.to(d_img_ptr.dtype.element_ty), mask=rk_mask)
+        dg_t = gamma_t[None, :] * acc_gt
+        if PER_ROW_TEXT:
+            true_txt_row = (rows64 * C + y) * D
+        else:
+            true_txt_row = y * D
+        f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+        if PER_ROW_TEXT:
+            label_offs = rows64 * C + y
+            dz_y = tl.load(dz_ptr + label_offs, mask=row_ok, other=0.0)
+            dzz_y = tl.load(dz_ptr + 3 * plane + label_offs, mask=row_ok, other=0.0)
+            inv_nt_y = tl.load(inv_norm_txt_ptr + label_offs, mask=row_ok, other=0.0)
+            proj_y = tl.where(inv_nt_y < 1.0 / NORM_EPS, 1.0, 0.0)
+            d_t_y = (s * dz_y * inv_nt_y)[:, None] * u - (dzz_y * inv_nt_y * inv_nt_y * proj_y)[:, None] * f_tt + dg_t
+            tl.store(d_txt_ptr + true_txt_row[:, None] + ks[None, :], d_t_y.to(d_txt_ptr.dtype.element_ty), mask=rk_mask)
+        else:
+            tl.store(dg_txt_ptr + rows64[:, None] * D + ks[None, :], dg_t, mask=rk_mask)
+        n_row_blocks = tl.num_programs(0)
+        part_row = pid_b * D + ks
+        part_plane = n_row_blocks * D
+        tl.store(part_ptr + part_row, tl.sum(acc_gi * f_i, axis=0), mask=k_ok)
+        tl.store(part_ptr + part_plane + part_row, tl.sum(acc_gi, axis=0), mask=k_ok)
+        tl.store(part_ptr + 2 * part_plane + part_row, tl.sum(acc_gt * f_tt, axis=0), mask=k_ok)
+        tl.store(part_ptr + 3 * part_plane + part_row, tl.sum(acc_gt, axis=0), mask=k_ok)
+
+    @triton.jit
+    def _class_grad_kernel(
+        img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr,
+        scale_ptr, scale_value, inv_norm_img_ptr, inv_norm_txt_ptr, dz_ptr, dg_txt_ptr,
+        dw_part_ptr, db_part_ptr, d_txt_part_ptr,
+        B, C, D, rows_per_split,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Reductions over the rows of one split for a block of classes and a slice of features.
+
+        Writes split-K partials: dW [splits, C, D], db [splits, C] and, for shared text [C, D],
+        d f_T [splits, C, D] (ITM part plus the CAT text rows scattered to their labels)."""
+        pid_c = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        split = tl.program_id(2)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        cols64 = cols.to(tl.int64)
+        ks = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        k_ok = ks < D
+        s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+        gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        beta_t = tl.load(beta_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        plane = B * C
+        acc_w = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        acc_v = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        acc_scatter = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        dzz_colsum = tl.zeros([BLOCK_C], dtype=tl.float32)
+        row_start = split * rows_per_split
+        row_end = tl.minimum(row_start + rows_per_split, B)
+        for r0 in range(row_start, row_end, BLOCK_B):
+            rows = r0 + tl.arange(0, BLOCK_B)
+            row_ok = rows < row_end
+            rows64 = rows.to(tl.int64)
+            y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            tile_mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows64[:, None] * C + cols64[None, :]
+            dz_img = tl.load(dz_ptr + plane + offs, mask=tile_mask, other=0.0)
+            dz_txt = tl.load(dz_ptr + 2 * plane + offs, mask=tile_mask, other=0.0)
+            rk_mask = row_ok[:, None] & k_ok[None, :]
+            f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+            if PER_ROW_TEXT:
+                true_txt_row = (rows64 * C + y) * D
+            else:
+                true_txt_row = y * D
+            f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+            g_i = tl.where(rk_mask, f_i * gamma_i[None, :] + beta_i[None, :], 0.0)
+            g_t = tl.where(rk_mask, f_tt * gamma_t[None, :] + beta_t[None, :], 0.0)
+            acc_w += tl.dot(tl.trans(dz_img), g_i, input_precision=PRECISION)
+            acc_w += tl.dot(tl.trans(dz_txt), g_t, input_precision=PRECISION)
+            acc_b += tl.sum(dz_img + dz_txt, axis=0)
+            if not PER_ROW_TEXT:
+                dz_itm = tl.load(dz_ptr + offs, mask=tile_mask, other=0.0)
+                dzz = tl.load(dz_ptr + 3 * plane + offs, mask=tile_mask, other=0.0)
+                inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
+                acc_v += tl.dot(tl.trans(dz_itm * (s * inv_ni)[:, None]), f_i, input_precision=PRECISION)
+                dzz_colsum += tl.sum(dzz, axis=0)
+                # Scatter-add of the CAT text-row gradients to their labels, as a one-hot product.
+                onehot = tl.where(tile_mask & (cols64[None, :] == y[:, None]), 1.0, 0.0)
+                dg_t = tl.load(dg_txt_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0)
+                acc_scatter += tl.dot(tl.trans(onehot), dg_t, input_precision=PRECISION)
+        ck_mask = col_ok[:, None] & k_ok[None, :]
+        part_offs = (split * C + cols64[:, None]) * D + ks[None, :]
+        tl.store(dw_part_ptr + part_offs, acc_w, mask=ck_mask)
+        tl.store(db_part_ptr + split * C + cols64, acc_b, mask=col_ok & (pid_d == 0))
+        if not PER_ROW_TEXT:
+            inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
+            f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
+            proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
+            # dv - (dv . v) v over |t|, dv . v = sum_b dz z; linear in the rows, so split partials add up.
+            d_t = (acc_v - (dzz_colsum * inv_nt * proj_t)[:, None] * f_t) * inv_nt[:, None] + acc_scatter
+            tl.store(d_txt_part_ptr + part_offs, d_t, mask=ck_mask)
+
+    @triton.jit
+    def _logits_kernel(
+        img_ptr, txt_ptr, gamma_i_ptr, beta_i_ptr, w_ptr, bias_ptr, scale_ptr, scale_value, out_ptr,
+        B, C, D, w_itm, w_cat,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, FUSE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out [B, C] fp32 = w_itm z_ITM + w_cat z_CAT(g_I) (FUSE), or z_CAT alone."""
+        pid_b = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        rows64 = rows.to(tl.int64)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        cols64 = cols.to(tl.int64)
+        acc_cat = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        raw_itm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        ssq_i = tl.zeros([BLOCK_B], dtype=tl.float32)
+        if PER_ROW_TEXT:
+            ssq_t = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        else:
+            ssq_t = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            k_ok = ks < D
+            f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc_cat += tl.dot(f_i * gamma_i[None, :] + beta_i[None, :], tl.trans(w), input_precision=PRECISION)
+            if FUSE:
+                ssq_i += tl.sum(f_i * f_i, axis=1)
+                if PER_ROW_TEXT:
+                    f_t = tl.load(
+                        txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
+                        mask=row_ok[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :], other=0.0,
+                    ).to(tl.float32)
+                    raw_itm += tl.sum(f_i[:, None, :] * f_t, axis=2)
+                    ssq_t += tl.sum(f_t * f_t, axis=2)
+                else:
+                    f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                    raw_itm += tl.dot(f_i, tl.trans(f_t), input_precision=PRECISION)
+                    ssq_t += tl.sum(f_t * f_t, axis=1)
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        out = acc_cat + bias[None, :]
+        if FUSE:
+            s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+            inv_ni = 1.0 / tl.maximum(tl.sqrt(ssq_i), NORM_EPS)
+            inv_nt = 1.0 / tl.maximum(tl.sqrt(ssq_t), NORM_EPS)
+            if PER_ROW_TEXT:
+                z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
+            else:
+                z_itm = s * raw_itm * inv_ni[:, None] * inv_nt[None, :]
+            out = w_itm * z_itm + w_cat * out
+        tl.store(out_ptr + rows64[:, None] * C + cols64[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (plain tensors in, plain tensors out). Inputs are made contiguous by the op bodies.
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _scale_args(scale_t: Optional[torch.Tensor], scale_f: float):
+    if scale_t is None:
+        return scale_f, scale_f, False  # the pointer argument is unused; any scalar fills it
+    return scale_t, 0.0, True
+
+
+def _launch_loss_forward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, scale_f, lam):
+    b, d = f_i.shape
+    c = w.shape[0]
+    per_row = f_t.ndim == 3
+    blocks = _pick_blocks(b, c, d, per_row, f_i.device)
+    dev = f_i.device
+    loss_rows = torch.empty(b, device=dev, dtype=torch.float32)
+    lse = torch.empty(3, b, device=dev, dtype=torch.float32)
+    inv_norm_img = torch.empty(b, device=dev, dtype=torch.float32)
+    inv_norm_txt = torch.empty((b, c) if per_row else (c,), device=dev, dtype=torch.float32)
+    scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
+    grid = (triton.cdiv(b, blocks.rows),)
+    _loss_fwd_kernel[grid](
+        f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
+        scale_ptr, scale_value, (1.0 - lam) / b, lam / (2.0 * b),
+        loss_rows, lse, inv_norm_img, inv_norm_txt,
+        b, c, d,
+        PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, PRECISION=_precision(f_i.dtype),
+        BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features, num_warps=blocks.num_warps,
+    )
+    # Deterministic second pass over the B per-row terms.
+    return loss_rows.sum(), lse, inv_norm_img, inv_norm_txt
+
+
+def _launch_loss_backward(grad, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, scale_f, lam, lse, inv_ni, inv_nt):
+    b, d = f_i.shape
+    c = w.shape[0]
+    per_row = f_t.ndim == 3
+    dev = f_i.device
+    blocks = _pick_blocks(b, c, d, per_row, dev)
+    scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
+    precision = _precision(f_i.dtype)
+    common = dict(PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, PRECISION=precision, num_warps=blocks.num_warps,
+                  BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features)
+    grad = grad.reshape(()).to(device=dev, dtype=torch.float32)
+
+    dz = torch.empty(4, b, c, device=dev, dtype=torch.float32)
+    row_blocks = triton.cdiv(b, blocks.rows)
+    _logit_grad_kernel[(row_blocks, triton.cdiv(c, blocks.classes))](
+        f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
+        scale_ptr, scale_value, grad, (1.0 - lam) / b, lam / (2.0 * b),
+        lse, inv_ni, inv_nt, dz, b, c, d, **common,
+    )
+
+    d_img = torch.empty_like(f_i)
+    d_txt = torch.empty_like(f_t) if per_row else None
+    dg_txt = torch.empty(b, d, device=dev, dtype=torch.float32) if not per_row else dz  # unused when per-row
+    vec_parts = torch.empty(4, row_blocks, d, device=dev, dtype=torch.float32)
+    _row_grad_kernel[(row_blocks, triton.cdiv(d, blocks.features))](
+        f_i, f_t, labels, g_i, g_t, w, scale_ptr, scale_value, inv_ni, inv_nt, dz,
+        d_img, d_txt if per_row else d_img, dg_txt, vec_parts, b, c, d, **common,
+    )
+
+    splits = _row_splits(blocks, b, c, d, dev)
+    # Whole row blocks per split, so a block never straddles two splits.
+    rows_per_split = triton.cdiv(row_blocks, splits) * blocks.rows
+    splits = triton.cdiv(b, rows_per_split)
+    dw_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32)
+    db_part = torch.empty(splits, c, device=dev, dtype=torch.float32)
+    d_txt_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32) if not per_row else dw_part
+    _class_grad_kernel[(triton.cdiv(c, blocks.classes), triton.cdiv(d, blocks.features), splits)](
+        f_i, f_t, labels, g_i, b_i, g_t, b_t, scale_ptr, scale_value, inv_ni, inv_nt, dz, dg_txt,
+        dw_part, db_part, d_txt_part, b, c, d, rows_per_split, **common,
+    )
+
+    # Second pass of the split-K reductions: fixed order, so deterministic.
+    vec = [vec_parts[i].sum(dim=0).to(t.dtype) for i, t in enumerate((g_i, b_i, g_t, b_t))]
+    d_w = dw_part.sum(dim=0).to(w.dtype)
+    d_b = db_part.sum(dim=0).to(bias.dtype)
+    if not per_row:
+        d_txt = d_txt_part.sum(dim=0).to(f_t.dtype)
+    return (
+        d_img, d_txt,
+        *vec,
+        d_w, d_b,
+    )
+
+
+def _launch_logits(f_i, f_t, g_i, b_i, w, bias, scale_t, scale_f, lam, fuse):
+    b, d = f_i.shape
+    c = w.shape[0]
+    per_row = f_t.ndim == 3
+    blocks = _pick_blocks(b, c, d, per_row, f_i.device)
+    out = torch.empty(b, c, device=f_i.device, dtype=torch.float32)
+    scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
+    grid = (triton.cdiv(b, blocks.rows), triton.cdiv(c, blocks.classes))
+    _logits_kernel[grid](
+        f_i, f_t, g_i, b_i, w, bias, scale_ptr, scale_value, out, b, c, d, 1.0 - lam, lam,
+        PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, FUSE=fuse, PRECISION=_precision(f_i.dtype),
+        BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features, num_warps=blocks.num_warps,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch custom ops: opaque to torch.compile (fake kernels give output shapes), autograd registered.
+# The data-dependent checks (label range, NaN/inf) run inside the op bodies, which always see real
+# tensors, so they keep working in a compiled graph.
+
+
+def _contig(*ts):
+    return [t.contiguous() for t in ts]
+
+
+@torch.library.custom_op("fastprompt::cat_head_loss", mutates_args=())
+def _cat_head_loss_op(
+    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
+    gamma_img: torch.Tensor, beta_img: torch.Tensor, gamma_txt: torch.Tensor, beta_txt: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor, logit_scale: Optional[torch.Tensor], logit_scale_value: float, lam: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss [], lse [3, B], inv_norm_img [B], inv_norm_txt [C] or [B, C]); all fp32."""
+    check_cat_head_values(
+        image_features, text_features, labels, num_classes=weight.shape[0],
+        logit_scale=logit_scale if logit_scale is not None else logit_scale_value,
+    )
+    return _launch_loss_forward(
+        *_contig(image_features, text_features, labels, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias),
+        logit_scale, logit_scale_value, lam,
+    )
+
+
+@_cat_head_loss_op.register_fake
+def _(image_features, text_features, labels, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias,
+      logit_scale, logit_scale_value, lam):
+    b, c = image_features.shape[0], weight.shape[0]
+    new = lambda *shape: image_features.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new(), new(3, b), new(b), new(b, c) if text_features.ndim == 3 else new(c)
+
+
+@torch.library.custom_op("fastprompt::cat_head_loss_backward", mutates_args=())
+def _cat_head_loss_backward_op(
+    grad: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
+    gamma_img: torch.Tensor, beta_img: torch.Tensor, gamma_txt: torch.Tensor, beta_txt: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor, logit_scale: Optional[torch.Tensor], logit_scale_value: float, lam: float,
+    lse: torch.Tensor, inv_norm_img: torch.Tensor, inv_norm_txt: torch.Tensor,
+) -> List[torch.Tensor]:
+    """Gradients for (image_features, text_features, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias)."""
+    return list(_launch_loss_backward(
+        grad, *_contig(image_features, text_features, labels, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias),
+        logit_scale, logit_scale_value, lam, lse, inv_norm_img, inv_norm_txt,
+    ))
+
+
+@_cat_head_loss_backward_op.register_fake
+def _(grad, image_features, text_features, labels, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias,
+      logit_scale, logit_scale_value, lam, lse, inv_norm_img, inv_norm_txt):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (image_features, text_features, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias)]
+
+
+def _loss_setup_context(ctx, inputs, output):
+    (f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, scale_f, lam) = inputs
+    _, lse, inv_ni, inv_nt = output
+    ctx.save_for_backward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, lse, inv_ni, inv_nt)
+    ctx.scale_f, ctx.lam = scale_f, lam
+    ctx.mark_non_differentiable(lse, inv_ni, inv_nt)
+
+
+def _loss_backward(ctx, grad_loss, *_unused):
+    f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, lse, inv_ni, inv_nt = ctx.saved_tensors
+    d_img, d_txt, d_gi, d_bi, d_gt, d_bt, d_w, d_b = _cat_head_loss_backward_op(
+        grad_loss, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, ctx.scale_f, ctx.lam, lse, inv_ni, inv_nt,
+    )
+    # labels, logit_scale (CLIP's frozen temperature), its float twin and lam get no gradient.
+    return d_img, d_txt, None, d_gi, d_bi, d_gt, d_bt, d_w, d_b, None, None, None
+
+
+_cat_head_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+@torch.library.custom_op("fastprompt::cat_head_logits", mutates_args=())
+def _cat_head_logits_op(
+    image_features: torch.Tensor, text_features: torch.Tensor, gamma_img: torch.Tensor, beta_img: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor, logit_scale: Optional[torch.Tensor], logit_scale_value: float,
+    lam: float, fuse: bool,
+) -> torch.Tensor:
+    """Inference logits [B, C] fp32."""
+    check_cat_head_values(
+        image_features, text_features, None, num_classes=weight.shape[0],
+        logit_scale=logit_scale if logit_scale is not None else logit_scale_value,
+    )
+    return _launch_logits(
+        *_contig(image_features, text_features, gamma_img, beta_img, weight, bias),
+        logit_scale, logit_scale_value, lam, fuse,
+    )
+
+
+@_cat_head_logits_op.register_fake
+def _(image_features, text_features, gamma_img, beta_img, weight, bias, logit_scale, logit_scale_value, lam, fuse):
+    return image_features.new_empty((image_features.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+def _logits_no_backward(ctx, grad):
+    raise RuntimeError(
+        "fastprompt.kernels.cat_head.cat_head_logits is an inference kernel and has no backward; "
+        f"train with cat_head_loss, or differentiate the logits through {_FALLBACK}"
+    )
+
+
+_cat_head_logits_op.register_autograd(_logits_no_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops: the reference's signatures.
+
+
+def _split_scale(logit_scale):
+    """(tensor or None, float): a tensor scale is read by the kernel (no host sync, compile-safe)."""
+    if isinstance(logit_scale, torch.Tensor):
+        return logit_scale.detach().reshape(()), 0.0
+    return None, float(logit_scale)
+
+
+def _check_runnable(op: str, image_features: torch.Tensor, **others) -> None:
+    check_triton_device(f"fastprompt.kernels.cat_head.{op}", _FALLBACK, image_features=image_features)
+    if image_features.dtype == torch.float64:
+        raise ValueError(
+            f"{op}: the Triton kernels compute in float32 (fp32/fp16/bf16 inputs); for float64 use {_FALLBACK}"
+        )
+    if image_features.shape[0] == 0:
+        raise ValueError(f"{op}: image_features holds no row (B = 0)")
+
+
+def cat_head_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    gamma_img: torch.Tensor,
+    beta_img: torch.Tensor,
+    gamma_txt: torch.Tensor,
+    beta_txt: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    logit_scale,
+    lam: float = 0.7,
+) -> torch.Tensor:
+    """DePT's training loss, fused: (1 - lam) CE(z_ITM, y) + lam CE(z_CAT, [y; y]) (mean).
+
+    image_features [B, d], text_features [C, d] or [B, C, d] (raw, fp32/fp16/bf16), labels [B]
+    (int64 or int32), gamma/beta [d], weight [C, d], bias [C], logit_scale = s (float or scalar
+    tensor; frozen, gets no gradient). Returns a float32 scalar; gradients flow to the features,
+    gamma/beta (both), weight and bias, each in its input's dtype.
+    """
+    check_cat_head_args(
+        image_features, text_features, labels, gamma_img=gamma_img, beta_img=beta_img, gamma_txt=gamma_txt,
+        beta_txt=beta_txt, weight=weight, bias=bias, logit_scale=logit_scale, lam=lam, check_values=False,
+    )
+    _check_runnable("cat_head_loss", image_features)
+    scale_t, scale_f = _split_scale(logit_scale)
+    loss, _, _, _ = _cat_head_loss_op(
+        image_features, text_features, labels, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias,
+        scale_t, scale_f, float(lam),
+    )
+    return loss
+
+
+def cat_head_logits(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    *,
+    gamma_img: torch.Tensor,
+    beta_img: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    logit_scale,
+    lam: float = 0.7,
+    fuse: bool = True,
+) -> torch.Tensor:
+    """DePT's base-class inference logits [B, C] float32, fused in one kernel (no backward).
+
+    fuse=True: (1 - lam) z_ITM + lam z_CAT(gamma_img f_I + beta_img); fuse=False: z_CAT alone.
+    """
+    check_cat_head_args(
+        image_features, text_features, gamma_img=gamma_img, beta_img=beta_img, weight=weight, bias=bias,
+        logit_scale=logit_scale, lam=lam, check_values=False,
+    )
+    _check_runnable("cat_head_logits", image_features)
+    scale_t, scale_f = _split_scale(logit_scale)
+    return _cat_head_logits_op(
+        image_features, text_features, gamma_img, beta_img, weight, bias, scale_t, scale_f, float(lam), bool(fuse),
+    )

@@ -1,0 +1,15 @@
+"""Prompt methods over a frozen CLIP: zero-shot, CoOp, CoCoOp, KgCoOp, MaPLe, DPL, and DePT."""
+from .base import ModelOutput, PromptedCLIP, PromptModel
+from .cocoop import CoCoOp
+from .coop import CoOp
+from .dept import DePT
+from .dpl import DPL
+from .factory import BASE_METHODS, METHOD_NAMES, build_model, method_defaults, parse_method
+from .kgcoop import KgCoOp
+from .maple import MaPLe
+from .zsclip import ZeroShotCLIP
+
+__all__ = [
+    "ModelOutput", "PromptModel", "PromptedCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "DPL", "DePT",
+    "ZeroShotCLIP", "BASE_METHODS", "METHOD_NAMES", "build_model", "method_defaults", "parse_method",
+]

@@ -1,0 +1,155 @@
+"""What every prompt method shares: the frozen encoders, class-name prompts, the ITM head, and a
+state dict that holds only what trains."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastprompt.clip import ClipBundle
+from fastprompt.encoders import ImageEncoder, TextEncoder
+from fastprompt.kernels.reference import itm_logits
+
+__all__ = ["ModelOutput", "PromptModel", "PromptedCLIP", "check_classnames"]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, C] float32, the method's inference logits
+    loss: Optional[torch.Tensor] = None  # the full training objective, when labels were given
+
+
+def check_classnames(classnames: Sequence[str]) -> List[str]:
+    if isinstance(classnames, str) or not isinstance(classnames, Sequence) or len(classnames) == 0:
+        raise ValueError("classnames must be a non-empty list of class-name strings")
+    bad = [c for c in classnames if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ValueError(f"classnames must be non-empty strings, got {bad[:3]}")
+    return [c.replace("_", " ").strip() for c in classnames]
+
+
+class PromptModel(nn.Module, ABC):
+    """What the training loop and evaluation use, whatever the method.
+
+    Images are normalised float [B, 3, S, S]; features are raw (not normalised) [B, d].
+    """
+
+    method: str = "base"
+    image_prompted: bool = False  # does the image encoder depend on trainable parameters?
+    embed_dim: int
+    classnames: List[str]
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> raw image features [B, d]."""
+
+    @abstractmethod
+    def head(self, image_features: torch.Tensor, labels: Optional[torch.Tensor]) -> ModelOutput:
+        """Logits [B, C] for the current classes, and the training loss when labels are given."""
+
+    @abstractmethod
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Switch the classes (base -> new -> another dataset) without rebuilding the model."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        return self.head(self.encode_images(images), labels)
+
+    def forward_features(self, image_features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        """The same as forward, from precomputed image features (methods with an unprompted image encoder)."""
+        if self.image_prompted:
+            raise ValueError(f"{self.method} prompts the image encoder: its image features cannot be precomputed")
+        if image_features.ndim != 2 or image_features.shape[1] != self.embed_dim:
+            raise ValueError(f"image_features must have shape [B, {self.embed_dim}], got {tuple(image_features.shape)}")
+        return self.head(image_features, labels)
+
+    def check_labels(self, labels: torch.Tensor, batch: int) -> None:
+        if labels.shape != (batch,) or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be an int64 tensor of shape [{batch}], got {labels.dtype} {tuple(labels.shape)}")
+
+    # --- training plumbing ---------------------------------------------------------------------
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """Trainable parameters by optimiser group ("prompt"; DePT adds "head")."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return {"prompt": params} if params else {}
+
+    def _trainable_names(self) -> List[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only what trains: the frozen CLIP is never saved (it comes from its own checkpoint)."""
+        full = super().state_dict(destination=None, prefix="", keep_vars=keep_vars)
+        keep = OrderedDict((prefix + k, full[k]) for k in self._trainable_names())
+        if destination is not None:
+            destination.update(keep)
+            return destination
+        return keep
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        expected = set(self._trainable_names())
+        given = set(state_dict)
+        if strict and given != expected:
+            missing, unexpected = sorted(expected - given), sorted(given - expected)
+            raise ValueError(
+                f"state dict does not match {self.method}'s trainable parameters: missing {missing[:8]}, "
+                f"unexpected {unexpected[:8]} (was it saved from another method or class count?)"
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
+class PromptedCLIP(PromptModel):
+    """A prompt method computed by CLIP's own encoders and image-text matching (ITM) head.
+
+    Subclasses provide `text_features(image_features)` ([C, d], or [B, C, d] when the prompts
+    depend on the image), may override `encode_images` (prompted image encoder) and
+    `regularizer(text_features)` (extra loss terms).
+    """
+
+    def __init__(self, clip: ClipBundle, *, attention_backend: str = "sdpa"):
+        super().__init__()
+        self.attention_backend = attention_backend
+        self.image_encoder = ImageEncoder(clip.model, attention_backend)
+        self.text_encoder = TextEncoder(clip.model, attention_backend)
+        self.tokenizer = clip.tokenizer
+        self.embed_dim = clip.embed_dim
+        self.logit_scale = clip.logit_scale
+        self.classnames = []
+
+    @abstractmethod
+    def text_features(self, image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw class text features: [C, d], or [B, C, d] when the prompts depend on the image."""
+
+    def regularizer(self, text_features: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(images)
+
+    def head(self, image_features: torch.Tensor, labels: Optional[torch.Tensor]) -> ModelOutput:
+        text_features = self.text_features(image_features)
+        logits = itm_logits(image_features.float(), text_features.float(), self.logit_scale)
+        if labels is None:
+            return ModelOutput(logits=logits)
+        return ModelOutput(logits=logits, loss=self.itm_loss(logits, text_features, labels))
+
+    def itm_loss(self, logits: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the ITM logits plus the method's regulariser."""
+        self.check_labels(labels, logits.shape[0])
+        loss = F.cross_entropy(logits, labels)
+        extra = self.regularizer(text_features)
+        return loss if extra is None else loss + extra
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The backbone stays in eval mode whatever the method does (dropout, patch dropout off).
+        self.image_encoder.eval()
+        self.text_encoder.eval()
+        return self

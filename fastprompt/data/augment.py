@@ -13,15 +13,16 @@ Two ways to apply the boxes, same result (to float rounding):
   `Wy_b @ X_b @ Wx_b^T` with per-sample weight matrices Wy_b [S, H] and Wx_b [S, W] that are zero
   outside the crop (and whose rows are reversed for a flip). The whole batch is two batched
   matmuls and a few element-wise ops, whatever the boxes: no per-sample kernel launches, no
-  Python loop. Used on accelerators.
+  Python loop. The result is clipped to 0..255 once at the end. Used on accelerators.
 * "loop": per-sample `torchvision.transforms.v2.functional.resized_crop` on the uint8 image.
   On the CPU this is faster (torch's vectorised uint8 kernel touches only the crop, where the
   matmul path does dense S x H x W work). Like PIL it rounds to uint8 after each of the two
   separable passes, so on images with hard edges it can differ from the float result where
   bicubic overshoot gets clipped; on natural images the two agree to a few levels of 255.
 
-Measured on this project's CI machine (2 shared CPU cores, torch 2.14, batch 64 of 256x341 uint8
--> 224): loop 0.42 s, matmul 1.9 s per batch, so "auto" uses the loop on the CPU. On a GPU the
+Measured on this project's CI machine (2 shared, busy CPU cores, torch 2.14, batch 64 of 256x341
+uint8 -> 224, median of 3): loop 0.26 s, matmul 1.5 s (3.1 s from a list of differently sized
+images), so "auto" uses the loop on the CPU. On a GPU the
 matmul path is a fixed ~25 kernels per batch (about 56 GFLOP for B = 256 at 256x341 -> 224, on
 the order of a millisecond on an H100) where the loop launches ~5 kernels per image from Python;
 it was not timed on a GPU in this session (none was lent).
@@ -196,4 +197,6 @@ class GpuAugment(torch.nn.Module):
         wx = resize_weights(boxes[:, 1], boxes[:, 3], S, Wmax, flip=flips)   # [B, S, W]
         rows = torch.bmm(wy, x.reshape(B, Hmax, 3 * Wmax))                    # [B, S, 3*W]
         out = torch.bmm(rows.view(B, S * 3, Wmax), wx.transpose(1, 2))       # [B, S*3, S]
-        return out.view(B, S, 3, S).permute(0, 2, 1, 3).contiguous()          # [B, 3, S, S]
+        out = out.view(B, S, 3, S).permute(0, 2, 1, 3).contiguous()           # [B, 3, S, S]
+        # Clip bicubic overshoot to the pixel range, as the uint8 (PIL / torchvision) pipelines do.
+        return out.clamp_(0.0, 255.0)

@@ -1,4 +1,30 @@
-"""The dataset registry and `load_dataset`: one entry per supported layout."""
+"""The dataset registry and `load_dataset`: one entry per supported layout.
+
+The data root holds CoOp's community layout (users bring the files; see PROTOCOLS.md):
+
+    <data root>/
+      imagenet/classnames.txt, imagenet/images/{train,val}/<wnid>/*       test = val
+      caltech-101/{101_ObjectCategories/, split_zhou_Caltech101.json}
+      oxford_pets/{images/, split_zhou_OxfordPets.json}
+      stanford_cars/{cars_train/, cars_test/, split_zhou_StanfordCars.json}
+      oxford_flowers/{jpg/, split_zhou_OxfordFlowers.json}
+      food-101/{images/, split_zhou_Food101.json}
+      fgvc_aircraft/{images/<id>.jpg, variants.txt, images_variant_{train,val,test}.txt}
+      sun397/{SUN397/, split_zhou_SUN397.json}
+      dtd/{images/, split_zhou_DescribableTextures.json}
+      eurosat/{2750/, split_zhou_EuroSAT.json}
+      ucf101/{UCF-101-midframes/, split_zhou_UCF101.json}
+      imagenetv2/imagenetv2-matched-frequency-format-val/<label 0..999>/*
+      imagenet-sketch/images/<wnid>/*
+      imagenet-adversarial/imagenet-a/<wnid>/*      (200 classes; `class_indices` -> ImageNet labels)
+      imagenet-rendition/imagenet-r/<wnid>/*        (200 classes; likewise)
+
+The four ImageNet variants read ImageNet's classnames.txt from their own folder if present (CoOp's
+instructions copy it there), else from `<data root>/imagenet/classnames.txt`; they have only a
+test split. Class names of the split-file datasets are the split files' third column (CoOp's
+cleaned names). "imagefolder" reads a user's own tree (see `imagefolder.py`); its dataset name is
+the folder's name.
+"""
 from __future__ import annotations
 
 import os

@@ -170,7 +170,9 @@ class GpuAugment(torch.nn.Module):
         if method == "loop":
             out = self._apply_loop(images, boxes.tolist(), flips.tolist())
         else:
-            out = self._apply_matmul(images, sizes, boxes.to(device), flips.to(device))
+            # fp32 even inside an autocast region: bf16 matmuls would cost about a grey level.
+            with torch.autocast(device.type, enabled=False):
+                out = self._apply_matmul(images, sizes, boxes.to(device), flips.to(device))
         return (out - self.mean * 255.0) / (self.std * 255.0)
 
     def _apply_loop(self, images, boxes: list[list[int]], flips: list[bool]) -> torch.Tensor:

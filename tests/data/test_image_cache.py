@@ -74,3 +74,15 @@ def test_greyscale_and_palette_images_become_rgb(tmp_path):
     cache = TrainImageCache(samples_of([tmp_path / "grey.png", tmp_path / "pal.gif"]), short_side=64)
     assert cache.images.shape == (2, 3, 7, 9)
     assert int(cache.images[0].min()) == 200 == int(cache.images[0].max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["cuda", "pinned"])
+def test_cache_on_gpu_or_pinned_cpu(tmp_path, where):
+    paths = [write_image(tmp_path / f"{i}.png", size=(16, 12 + i % 2), seed=i) for i in range(6)]
+    kwargs = {"device": "cuda"} if where == "cuda" else {"pin_memory": True}
+    cache = TrainImageCache(samples_of(paths), short_side=64, **kwargs)
+    ref = TrainImageCache(samples_of(paths), short_side=64)
+    imgs, labels = cache.batch(torch.tensor([5, 0]), device="cuda")
+    assert labels.device.type == "cuda" and labels.tolist() == [5, 0]
+    assert all(t.device.type == "cuda" and torch.equal(t.cpu(), ref.images[i]) for t, i in zip(imgs, [5, 0]))

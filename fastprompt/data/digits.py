@@ -22,7 +22,7 @@ def write_digits_imagefolder(root: str | os.PathLike, *, image_size: int = 32) -
     """Write `sklearn.datasets.load_digits` (1,797 8x8 greyscale digits) as PNGs under `root`.
 
     Tree: root/{train,val,test}/{zero..nine}/<index>.png, each image upscaled (bicubic) to
-    image_size x image_size. Split per class, deterministically: the class's images shuffled by
+    image_size x image_size, and root/classes.txt so that label i is digit i (base = zero..four). Split per class, deterministically: the class's images shuffled by
     `random.Random(digit)`, 20% to test, 20% to val, the rest (~108 per class) to train.
     The tree is written in a temporary sibling folder and renamed into place, and a marker file
     makes a second call with the same settings return at once. Returns `root` as a Path.
@@ -30,7 +30,7 @@ def write_digits_imagefolder(root: str | os.PathLike, *, image_size: int = 32) -
     from sklearn.datasets import load_digits  # the one place the package needs scikit-learn
 
     root = Path(root).expanduser()
-    settings = {"image_size": int(image_size), "version": 1}
+    settings = {"image_size": int(image_size), "version": 2}
     marker = root / MARKER
     if marker.is_file():
         try:
@@ -57,6 +57,7 @@ def write_digits_imagefolder(root: str | os.PathLike, *, image_size: int = 32) -
                 for i in members:
                     img = Image.fromarray(pixels[i], mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
                     img.save(folder / f"{i:04d}.png")
+        (tmp / "classes.txt").write_text("\n".join(DIGIT_NAMES) + "\n")  # labels 0..9 = zero..nine
         (tmp / MARKER).write_text(json.dumps(settings))
         if root.exists():
             shutil.rmtree(root)  # only an empty folder or our own earlier tree reaches here

@@ -9,8 +9,9 @@ Two shapes are accepted under `root`:
   go to test, the next 10% to val and the rest (at least one image) to train. The same files always
   give the same split on any machine.
 
-Labels follow the sorted class-folder names; a class name is its folder name with underscores
-replaced by spaces.
+Labels follow the sorted class-folder names, unless `root/classes.txt` lists the class folders one
+per line: then that order defines the labels (it must name every class folder exactly once). A
+class name is its folder name with underscores replaced by spaces.
 """
 from __future__ import annotations
 
@@ -30,14 +31,30 @@ IMAGEFOLDER_LAYOUT = (
     "  val/<class name>/*               (optional)\n"
     "  test/<class name>/*              (optional)\n"
     "or, to have fastprompt split it (70% train / 10% val / 20% test per class, deterministic):\n"
-    "<root>/<class name>/*.png|jpg"
+    "<root>/<class name>/*.png|jpg\n"
+    "optional <root>/classes.txt: the class folder names, one per line, in label order"
 )
+CLASS_ORDER_FILE = "classes.txt"
 FLAT_TEST_FRACTION = 0.2
 FLAT_VAL_FRACTION = 0.1
 
 
 def _classname(folder: str) -> str:
     return folder.replace("_", " ")
+
+
+def _class_order(root: Path, found: list[str]) -> list[str]:
+    """The class folders in label order: classes.txt's order if present, else sorted."""
+    path = root / CLASS_ORDER_FILE
+    if not path.is_file():
+        return found
+    listed = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if sorted(listed) != sorted(found) or len(set(listed)) != len(listed):
+        raise DatasetError(
+            f"{str(path)!r} must list each class folder exactly once; it lists {listed[:10]}, "
+            f"the folders are {found[:10]}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+        )
+    return listed
 
 
 def _read_split(folder: Path, classes: list[str], split: str) -> list[Sample]:
@@ -50,7 +67,8 @@ def _read_split(folder: Path, classes: list[str], split: str) -> list[Sample]:
             f"must appear in train/. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
         )
     samples = []
-    for c in found:
+    present = set(found)
+    for c in (c for c in classes if c in present):  # label order, so splits come sorted by label
         files = list_images(folder / c)
         if not files:
             raise DatasetError(f"class folder {str(folder / c)!r} holds no images (extensions: jpg, png, ...)")
@@ -63,7 +81,7 @@ def load_imagefolder(root: Path) -> DatasetSplits:
     name = root.resolve().name or "imagefolder"
     train_dir = root / "train"
     if train_dir.is_dir():
-        classes = list_subfolders(train_dir)
+        classes = _class_order(root, list_subfolders(train_dir))
         if not classes:
             raise DatasetError(f"{str(train_dir)!r} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
         train = _read_split(train_dir, classes, "train")
@@ -75,7 +93,7 @@ def load_imagefolder(root: Path) -> DatasetSplits:
             log.warning("image folder %s has no test/ split: evaluation will have nothing to score", root)
         return DatasetSplits(name, [_classname(c) for c in classes], train, splits["val"], splits["test"])
 
-    classes = list_subfolders(root)
+    classes = _class_order(root, list_subfolders(root))
     if not classes:
         raise DatasetError(f"{str(root)!r} has neither train/ nor class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
     train, val, test = [], [], []

@@ -260,3 +260,16 @@ def test_imagefolder_errors(tmp_path):
     write_image(tmp_path / "own" / "test" / "bird" / "0.png")
     with pytest.raises(DatasetError, match=r"test folder .*has class folders \['bird'\] that train/ lacks"):
         load_dataset("imagefolder", tmp_path / "own")
+
+
+def test_imagefolder_classes_txt_sets_label_order(tmp_path):
+    for c in ("zebra", "ant", "moose"):
+        write_image(tmp_path / "own" / "train" / c / "0.png")
+        write_image(tmp_path / "own" / "test" / c / "0.png")
+    (tmp_path / "own" / "classes.txt").write_text("zebra\nant\nmoose\n")
+    ds = load_dataset("imagefolder", tmp_path / "own")
+    assert ds.classnames == ["zebra", "ant", "moose"]
+    assert [(s.path.split("/")[-2], s.label) for s in ds.test] == [("zebra", 0), ("ant", 1), ("moose", 2)]
+    (tmp_path / "own" / "classes.txt").write_text("zebra\nant\n")
+    with pytest.raises(DatasetError, match=r"classes\.txt' must list each class folder exactly once"):
+        load_dataset("imagefolder", tmp_path / "own")

@@ -411,3 +411,23 @@ def test_gpu_backward_is_bitwise_deterministic_with_default_splits():
     second = loss_and_grads(ch.cat_head_loss, feats, labels, params, lam=0.7)
     for name in GRAD_NAMES:
         assert torch.equal(first[1][name], second[1][name]), name
+
+
+# ---- the benchmark table's smoke mode, so CI exercises the script ----------------------------------
+
+
+def test_benchmark_table_smoke_mode_writes_its_report(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cat_head_table.py"
+    spec = importlib.util.spec_from_file_location("cat_head_table_smoke", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = json.loads(module.main(["--smoke", "--out", str(tmp_path)]).read_text())
+    assert {"device", "torch", "triton", "date", "peers", "rows"} <= set(report)
+    assert {r["impl"] for r in report["rows"]} >= {"triton", "eager"}
+    assert {(r["B"], r["C"]) for r in report["rows"]} == set(module.SMOKE_SHAPES)
+    for row in report["rows"]:
+        assert all(row[f"{m}_ms"] > 0 for m in module.MODES), row

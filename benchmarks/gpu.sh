@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one command for whoever has a GPU: install carried wheels, run the GPU tests natively, run the
+# table scripts. From the repo root on the GPU machine (device tool: carry [".whl"]):
+#     bash benchmarks/gpu.sh
+# Results land in benchmarks/results/ (and in $OUT when the device tool sets it); commit them here.
+# Each step says what it is; a failing test step is reported and the benchmarks still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+RESULTS=benchmarks/results
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo; echo "=== $* ==="; }
+
+step "carried wheels (nothing can be fetched there): open_clip_torch, ftfy, wcwidth, liger-kernel"
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+step "fastprompt, editable (kernels/ is mapped to fastprompt.kernels)"
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+$PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+
+step "CAT head kernel tests, natively (fp32/fp16/bf16, gpu-marked large cases)"
+$PY -m pytest tests/kernels/test_cat_head.py -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/cat_head_gpu_tests.log" || status=1
+
+step "CAT head table: B x C at d=512, bf16, vs eager / torch.compile / Liger"
+$PY benchmarks/cat_head_table.py --out "$RESULTS" || status=1
+
+if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/; fi
+exit $status

@@ -245,3 +245,33 @@ def check_triton_device(op: str, fallback: str, **tensors: torch.Tensor) -> None
         f"before triton is imported); got tensors on {device}. Use {fallback} instead (plain PyTorch, any device)."
     )
 
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_triton_runnable(q, *, interpreted: bool, max_head_dim: int, max_batch_heads: int = 65535) -> None:
+    """Can the Triton kernels run on q ([B, H, N, D])? Raises a ValueError saying what to use instead.
+
+    `interpreted`: whether Triton was imported with TRITON_INTERPRET=1 (CPU tensors run then).
+    """
+    fallback = (
+        "use fastprompt.kernels.reference.decoupled_attention instead "
+        "(attention_backend='reference' or 'sdpa')"
+    )
+    if q.dtype not in TRITON_DTYPES:
+        allowed = ", ".join(str(d) for d in TRITON_DTYPES)
+        raise ValueError(f"q has dtype {q.dtype}, which the Triton kernel does not support (expected {allowed}); {fallback}")
+    if q.device.type == "cpu" and not interpreted:
+        raise ValueError(
+            "q is on the CPU and Triton kernels need a CUDA device (or TRITON_INTERPRET=1 set before "
+            f"triton is first imported, which runs them slowly on the CPU); {fallback}"
+        )
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q is on device {q.device}, which the Triton kernel does not support; {fallback}")
+    if q.shape[3] > max_head_dim:
+        raise ValueError(f"q has head dim D={q.shape[3]}; the Triton kernel supports D <= {max_head_dim}; {fallback}")
+    if q.shape[0] * q.shape[1] > max_batch_heads:
+        raise ValueError(
+            f"q has B*H = {q.shape[0] * q.shape[1]} (batch x heads) > {max_batch_heads}, the kernel's grid limit; "
+            "split the batch"
+        )

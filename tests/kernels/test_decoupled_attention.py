@@ -1,0 +1,425 @@
+"""The fused Triton decoupled attention against the plain-PyTorch spec (float64 ground truth).
+
+Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py) and natively on a CUDA device; the
+`gpu`-marked cases (half precision, CLIP shapes) need the device. Every run starts from output
+buffers filled with NaN, so an element the kernels do not write fails.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprompt.kernels.decoupled_attention as fused
+from fastprompt.kernels import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MIXES = ("exact", "fixed", "learned", "detached")
+# name -> (causal, prompt_rows_see_all)
+MASKS = {"none": (False, False), "causal": (True, False), "causal_see_all": (True, True)}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(fused, "POISON_OUTPUTS", True)
+
+
+def _weight(mix: str, num_heads: int, role_seed: int):
+    """A mixing rule's weight argument: c for fixed, theta [H] for learned, else None."""
+    if mix == "fixed":
+        return 0.25 + 0.5 * role_seed / 3
+    if mix == "learned":
+        return torch.randn(num_heads, dtype=torch.float64)
+    return None
+
+
+def _prompt_start(position: str, n: int, num_prompts: int) -> int:
+    if position == "start":
+        return 0
+    if position == "end":
+        return n - num_prompts
+    return min(1 + n // 4, n - num_prompts)  # middle: after a CLS-like token and some instances
+
+
+def _run(op, q, k, v, dout, kwargs, dtype, device):
+    """out, LSE_P, LSE_X, dq, dk, dv and the thetas' gradients of `op` on inputs cast to `dtype`."""
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+    kw = dict(kwargs)
+    thetas = []
+    for arg in ("instance_weight", "prompt_weight"):
+        if isinstance(kw.get(arg), torch.Tensor):
+            kw[arg] = kw[arg].to(device=device, dtype=dtype).requires_grad_()
+            thetas.append(kw[arg])
+    out, lse_p, lse_x = op(*leaves, return_lse=True, **kw)
+    (out.to(torch.float64) * dout.to(device=device, dtype=torch.float64)).sum().backward()
+    grads = [t.grad for t in leaves] + [t.grad for t in thetas]
+    return [out, lse_p, lse_x] + grads
+
+
+NAMES = ("out", "lse_p", "lse_x", "dq", "dk", "dv", "dtheta_a", "dtheta_b")
+
+
+def _assert_close(got, want, rtol, atol, what):
+    """Norm-wise: ||got - want|| <= rtol ||want|| + atol sqrt(numel); same -inf pattern; no NaN."""
+    assert got is not None, f"{what}: no gradient"
+    got = got.detach().to("cpu", torch.float64)
+    want = want.detach().to("cpu", torch.float64)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{what}: NaN (unwritten or 0/0)"
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite), f"{what}: -inf pattern differs from the reference"
+    assert torch.equal(got[~finite], want[~finite]), f"{what}: infinite values differ"
+    err = (got[finite] - want[finite]).norm().item()
+    bound = rtol * want[finite].norm().item() + atol * math.sqrt(max(int(finite.sum()), 1))
+    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (|ref| {want[finite].norm().item():.3e})"
+
+
+def _check_against_reference(b, h, n, d, kwargs, dtype=torch.float32, rtol=2e-5, atol=1e-6):
+    q, k, v, dout = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(4))
+    got = _run(fused.decoupled_attention, q, k, v, dout, kwargs, dtype, DEVICE)
+    want = _run(reference.decoupled_attention, q, k, v, dout, kwargs, torch.float64, DEVICE)
+    assert len(got) == len(want)
+    for name, g, w in zip(NAMES, got, want):
+        _assert_close(g, w, rtol, atol, name)
+    return got, want
+
+
+# --- every mix pair x every mask, prompts in the middle; N odd and over one 32-row tile ---------
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("instance_mix,prompt_mix", list(itertools.product(MIXES, MIXES)))
+def test_every_mix_and_mask(instance_mix, prompt_mix, mask):
+    n, num_prompts = 37, 4
+    causal, see_all = MASKS[mask]
+    kwargs = dict(
+        prompt_start=_prompt_start("middle", n, num_prompts), num_prompts=num_prompts, causal=causal,
+        prompt_rows_see_all=see_all, instance_mix=instance_mix, prompt_mix=prompt_mix,
+        instance_weight=_weight(instance_mix, 2, 0), prompt_weight=_weight(prompt_mix, 2, 1),
+    )
+    _check_against_reference(1, 2, n, 16, kwargs)
+
+
+# --- prompt position (start, middle, end) x mask, for two rule pairs ------------------------------
+
+@pytest.mark.parametrize("position", ["start", "middle", "end"])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("instance_mix,prompt_mix", [("fixed", "learned"), ("learned", "detached")])
+def test_prompt_positions(position, mask, instance_mix, prompt_mix):
+    n, num_prompts = 45, 16
+    causal, see_all = MASKS[mask]
+    heads = 1 if position == "middle" else 2
+    kwargs = dict(
+        prompt_start=_prompt_start(position, n, num_prompts), num_prompts=num_prompts, causal=causal,
+        prompt_rows_see_all=see_all, instance_mix=instance_mix, prompt_mix=prompt_mix,
+        instance_weight=_weight(instance_mix, heads, 0), prompt_weight=_weight(prompt_mix, heads, 2),
+    )
+    _check_against_reference(2, heads, n, 16, kwargs)
+
+
+# --- sizes: N x D x num_prompts at DPL's default rules and at exact ------------------------------
+
+SWEEP = [
+    (n, d, p) for n, d, p in itertools.product((1, 7, 77, 80), (16, 64), (0, 1, 2, 16)) if p <= n
+]
+
+
+@pytest.mark.parametrize("n,d,num_prompts", SWEEP)
+@pytest.mark.parametrize("rules", ["fixed/exact", "exact/exact"])
+def test_size_sweep(n, d, num_prompts, rules):
+    instance_mix, prompt_mix = rules.split("/")
+    # Alternate the mask through the sweep so both the causal (with see-all) and plain paths see every size.
+    causal = (n + d + num_prompts) % 2 == 0 or rules == "fixed/exact"
+    kwargs = dict(
+        prompt_start=_prompt_start("middle", n, num_prompts), num_prompts=num_prompts, causal=causal,
+        prompt_rows_see_all=causal, instance_mix=instance_mix, prompt_mix=prompt_mix,
+        instance_weight=_weight(instance_mix, 1, 0), prompt_weight=None,
+    )
+    _check_against_reference(1, 1 if n > 64 else 2, n, d, kwargs)
+
+
+@pytest.mark.parametrize("d", [24, 80])
+def test_head_dims_not_a_power_of_two(d):
+    kwargs = dict(prompt_start=3, num_prompts=5, causal=True, prompt_rows_see_all=True,
+                  instance_mix="learned", prompt_mix="fixed",
+                  instance_weight=torch.randn(2, dtype=torch.float64), prompt_weight=0.6)
+    _check_against_reference(1, 2, 19, d, kwargs)
+
+
+def test_exact_is_standard_attention():
+    """exact/exact is plain softmax attention whatever the prompt range: compare with SDPA in float64."""
+    b, h, n, d = 2, 2, 41, 32
+    q, k, v, dout = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(4))
+    got = _run(fused.decoupled_attention, q, k, v, dout,
+               dict(prompt_start=5, num_prompts=9, causal=True), torch.float32, DEVICE)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*leaves, is_causal=True)
+    (want * dout).sum().backward()
+    _assert_close(got[0], want, 2e-5, 1e-6, "out")
+    for name, g, leaf in zip(("dq", "dk", "dv"), got[3:6], leaves):
+        _assert_close(g, leaf.grad, 2e-5, 1e-6, name)
+
+
+def test_rows_that_see_one_segment_only():
+    """Causal, prompts mid-sequence: rows before them see no prompt key (w = 0), no NaN anywhere."""
+    n, start, num_prompts = 23, 9, 3
+    kwargs = dict(prompt_start=start, num_prompts=num_prompts, causal=True, prompt_rows_see_all=False,
+                  instance_mix="learned", prompt_mix="exact", instance_weight=torch.randn(2, dtype=torch.float64))
+    got, _ = _check_against_reference(1, 2, n, 16, kwargs)
+    lse_p = got[1]
+    assert torch.isneginf(lse_p[..., :start]).all() and torch.isfinite(lse_p[..., start:]).all()
+    for name, t in zip(NAMES, got):
+        assert not torch.isnan(t).any(), name
+
+
+def test_strided_inputs_and_expanded_gradient():
+    """q, k, v as views of one packed [B, N, 3, H, D] projection; out.sum() gives a stride-0 dout."""
+    b, n, h, d = 2, 21, 2, 16
+    packed = torch.randn(b, n, 3, h, d, dtype=torch.float64)
+    kwargs = dict(prompt_start=1, num_prompts=4, causal=False, instance_mix="fixed", instance_weight=0.3,
+                  prompt_mix="detached")
+
+    def grads(op, dtype):
+        leaf = packed.to(device=DEVICE, dtype=dtype).requires_grad_()
+        q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)
+        out = op(q, k, v, **kwargs)
+        out.sum().backward()
+        return out, leaf.grad
+
+    out, grad = grads(fused.decoupled_attention, torch.float32)
+    out_ref, grad_ref = grads(reference.decoupled_attention, torch.float64)
+    _assert_close(out, out_ref, 2e-5, 1e-6, "out")
+    _assert_close(grad, grad_ref, 2e-5, 1e-6, "d packed")
+
+
+def test_theta_gradient_matches_finite_difference():
+    """The learned rule's d theta against a central difference of the float64 reference loss."""
+    b, h, n, d = 1, 2, 17, 16
+    q, k, v, dout = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(4))
+    theta = torch.randn(h, dtype=torch.float64)
+    kwargs = dict(prompt_start=2, num_prompts=4, causal=True, prompt_rows_see_all=True, prompt_mix="learned")
+    got = _run(fused.decoupled_attention, q, k, v, dout, dict(kwargs, prompt_weight=theta), torch.float32, DEVICE)
+
+    def loss(t):
+        out = reference.decoupled_attention(q, k, v, prompt_weight=t, **kwargs)
+        return (out * dout).sum().item()
+
+    eps = 1e-6
+    numeric = torch.stack([
+        torch.tensor((loss(theta + eps * e) - loss(theta - eps * e)) / (2 * eps)) for e in torch.eye(h, dtype=torch.float64)
+    ])
+    _assert_close(got[6], numeric, 1e-4, 1e-6, "dtheta")
+    assert numeric.abs().min() > 1e-3  # the check is not vacuous
+
+
+def test_forward_without_grad_and_default_return():
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
+    out = fused.decoupled_attention(q, k, v, prompt_start=0, num_prompts=2)
+    want = reference.decoupled_attention(q.double(), k.double(), v.double(), prompt_start=0, num_prompts=2)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    _assert_close(out, want, 2e-5, 1e-6, "out")
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+class _PromptedBlock(torch.nn.Module):
+    """A tiny attention block: qkv projection -> fused decoupled attention -> output projection."""
+
+    def __init__(self, width=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.proj = torch.nn.Linear(width, width)
+        self.theta = torch.nn.Parameter(torch.randn(heads))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = fused.decoupled_attention(q, k, v, prompt_start=1, num_prompts=3, causal=True,
+                                        prompt_rows_see_all=True, instance_mix="fixed", instance_weight=0.2,
+                                        prompt_mix="learned", prompt_weight=self.theta)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    block = _PromptedBlock().to(DEVICE)
+    x = torch.randn(2, 11, 32, device=DEVICE)
+
+    def step(fn):
+        block.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = fn(xx)
+        (y * y).sum().backward()
+        return [y, xx.grad, block.theta.grad, block.qkv.weight.grad]
+
+    eager = step(block)
+    compiled = step(torch.compile(block, fullgraph=True))
+    for name, g, w in zip(("y", "dx", "dtheta", "dqkv"), compiled, eager):
+        _assert_close(g, w, 1e-5, 1e-6, name)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def _qkv(shape=(1, 2, 8, 16), dtype=torch.float32, device=DEVICE):
+    return [torch.randn(shape, dtype=dtype, device=device) for _ in range(3)]
+
+
+@pytest.mark.parametrize("case,match", [
+    ("rank", "q must have 4 dimensions"),
+    ("shapes", "must all have shape"),
+    ("range_end", "out of bounds"),
+    ("range_negative", "out of bounds"),
+    ("float64", "q has dtype torch.float64"),
+    ("int", "q has unsupported dtype"),
+    ("theta_shape", "prompt_weight must have shape \\[2\\]"),
+    ("learned_without_theta", "instance_weight"),
+    ("fixed_out_of_range", "instance_weight"),
+    ("unknown_mix", "prompt_mix"),
+    ("head_dim", "head dim D=256"),
+])
+def test_bad_input_raises_value_error_naming_the_argument(case, match):
+    q, k, v = _qkv()
+    kwargs = dict(prompt_start=1, num_prompts=2)
+    if case == "rank":
+        q = q[0]
+    elif case == "shapes":
+        k = k[:, :, :5]
+    elif case == "range_end":
+        kwargs = dict(prompt_start=6, num_prompts=3)
+    elif case == "range_negative":
+        kwargs = dict(prompt_start=-1, num_prompts=2)
+    elif case == "float64":
+        q, k, v = _qkv(dtype=torch.float64)
+    elif case == "int":
+        q = q.to(torch.int32)
+    elif case == "theta_shape":
+        kwargs.update(prompt_mix="learned", prompt_weight=torch.zeros(3, device=DEVICE))
+    elif case == "learned_without_theta":
+        kwargs.update(instance_mix="learned", instance_weight=0.5)
+    elif case == "fixed_out_of_range":
+        kwargs.update(instance_mix="fixed", instance_weight=1.5)
+    elif case == "unknown_mix":
+        kwargs.update(prompt_mix="softmax")
+    elif case == "head_dim":
+        q, k, v = _qkv(shape=(1, 1, 4, 256))
+    with pytest.raises(ValueError, match=match):
+        fused.decoupled_attention(q, k, v, **kwargs)
+
+
+def test_cpu_tensors_without_interpreter_say_what_to_use(monkeypatch):
+    monkeypatch.setattr(fused, "INTERPRETED", False)
+    q, k, v = _qkv(device="cpu")
+    with pytest.raises(ValueError, match="CUDA device.*reference"):
+        fused.decoupled_attention(q, k, v, prompt_start=0, num_prompts=1)
+
+
+# --- the GPU build: compile for Hopper without a GPU (ptxas ships with Triton) -------------------
+
+_COMPILE_FOR_SM90 = r"""
+import itertools, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastprompt.kernels.decoupled_attention as m
+assert not m.INTERPRETED
+FP32_PTRS = {"LseP", "LseX", "TableX", "TableP", "StatP", "StatX", "DeltaP", "DeltaX", "DwRow"}
+def signature(fn, dtype, consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts: sig[name] = "constexpr"
+        elif name in FP32_PTRS: sig[name] = "*fp32"
+        elif name[0].isupper() and name not in ("H", "N", "D"): sig[name] = "*" + dtype
+        elif name in ("qk_scale_log2", "sm_scale"): sig[name] = "fp32"
+        else: sig[name] = "i32"
+    return sig
+for kname in ("_forward_kernel", "_backward_preprocess_kernel", "_backward_dkdv_kernel", "_backward_dq_kernel"):
+    fn = getattr(m, kname).fn
+    for dtype, causal, modes in itertools.product(("bf16", "fp16"), (False, True), ((0, 0), (2, 3))):
+        consts = dict(CAUSAL=causal, SEE_ALL=causal, MODE_X=modes[0], MODE_P=modes[1], BLOCK_D=64,
+                      DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64)
+        if "forward" in kname or "preprocess" in kname:
+            consts["BLOCK_P"] = 16
+        triton.compile(ASTSource(fn, signature(fn, dtype, consts), consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, num_stages=3))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the native tests compile the kernels")
+def test_kernels_compile_for_hopper():
+    """Catches kernel code that runs in the interpreter but that Triton cannot compile for sm_90."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+# --- GPU: half precision and the CLIP shapes ----------------------------------------------------
+
+CLIP_SHAPES = {
+    # name: (B, H, N, D, prompt_start, num_prompts, causal, see_all)
+    "vision_np4": (8, 12, 197 + 4, 64, 1, 4, False, False),
+    "vision_np16": (8, 12, 197 + 16, 64, 1, 16, False, False),
+    "text_np16": (16, 8, 77, 64, 1, 16, True, True),
+    "text_causal_np4": (16, 8, 77, 64, 1, 4, True, False),
+    "vit_l_d128": (4, 16, 257 + 8, 128, 257, 8, False, False),
+}
+
+
+def _sdpa_error(q, k, v, dout, dtype, causal):
+    """PyTorch's own same-dtype error (SDPA, standard attention) against float64: the yardstick."""
+    leaves64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    out64 = F.scaled_dot_product_attention(*leaves64, is_causal=causal)
+    (out64 * dout).sum().backward()
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+    (out.double() * dout).sum().backward()
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    return [rel(out, out64)] + [rel(a.grad, b.grad) for a, b in zip(leaves, leaves64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", list(CLIP_SHAPES))
+@pytest.mark.parametrize("rules", ["exact/exact", "fixed/exact", "learned/detached"])
+def test_gpu_clip_shapes(shape, dtype, rules):
+    b, h, n, d, start, num_prompts, causal, see_all = CLIP_SHAPES[shape]
+    instance_mix, prompt_mix = rules.split("/")
+    kwargs = dict(prompt_start=start, num_prompts=num_prompts, causal=causal, prompt_rows_see_all=see_all,
+                  instance_mix=instance_mix, prompt_mix=prompt_mix,
+                  instance_weight=_weight(instance_mix, h, 0), prompt_weight=_weight(prompt_mix, h, 1))
+    q, k, v, dout = (torch.randn(b, h, n, d, dtype=torch.float64, device="cuda") for _ in range(4))
+    got = _run(fused.decoupled_attention, q, k, v, dout, kwargs, dtype, "cuda")
+    want = _run(reference.decoupled_attention, q, k, v, dout, kwargs, torch.float64, "cuda")
+    if dtype == torch.float32:
+        for name, g, w in zip(NAMES, got, want):
+            _assert_close(g, w, 2e-5, 1e-6, name)
+        return
+    yard = _sdpa_error(q, k, v, dout, dtype, causal)
+    # LSEs are float32 statistics of half-precision scores: compare loosely (eps of the dtype).
+    lse_tol = 8 * torch.finfo(dtype).eps
+    for name, g, w in zip(NAMES[1:3], got[1:3], want[1:3]):
+        _assert_close(g, w, lse_tol, 0.0, name)
+    for i, name in ((0, "out"), (3, "dq"), (4, "dk"), (5, "dv")):
+        yardstick = yard[0 if i == 0 else i - 2]
+        _assert_close(got[i], want[i], 2 * yardstick + 2e-3, 0.0, f"{name} (SDPA {dtype} error {yardstick:.2e})")
+    for name, g, w in zip(NAMES[6:], got[6:], want[6:]):
+        _assert_close(g, w, 2e-2, 1e-3, name)
+
+
+@pytest.mark.gpu
+def test_gpu_large_batch_forward():
+    """The text shape with C=1000 classes as the batch (B*H = 8000 programs on the grid's y axis)."""
+    q, k, v = (torch.randn(1000, 8, 77, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kwargs = dict(prompt_start=1, num_prompts=4, causal=True, prompt_rows_see_all=True, instance_mix="fixed",
+                  instance_weight=0.3)
+    out = fused.decoupled_attention(q, k, v, **kwargs)
+    want = reference.decoupled_attention(q.float(), k.float(), v.float(), **kwargs)
+    _assert_close(out, want, 1e-2, 0.0, "out")

@@ -64,6 +64,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # few-shot split cache; null = <output_dir>/splits
     allow_corrupt: bool = False  # skip unreadable images (counted in the log) instead of failing
     short_side: Optional[int] = None  # decode cache resolution; null = 8/7 x the model image size
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/{protocol}/{method}/{dataset}"  # placeholders filled from the config
 
 
 # --------------------------------------------------------------------------- type checking
@@ -258,7 +259,22 @@ def config_from_dict(data: dict) -> Config:
     """Build and check a Config from a plain nested mapping (e.g. parsed YAML)."""
     cfg = _build(Config, data, "", _all_keys(Config))
     _check_values(cfg)
+    cfg.output_dir = _expand_output_dir(cfg)
     return cfg
+
+
+def _expand_output_dir(cfg: Config) -> str:
+    """Fill {protocol}, {method}, {dataset}, {shots}, {model} in output_dir, so one config file
+    serves every dataset of a sweep without runs overwriting each other."""
+    fields = {"protocol": cfg.protocol.name, "method": cfg.method.name.replace("+", "_"),
+              "dataset": cfg.data.dataset, "shots": cfg.data.shots, "model": cfg.model.name}
+    try:
+        return cfg.output_dir.format(**fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"output_dir: cannot fill {cfg.output_dir!r} ({exc!r}); placeholders are "
+            + ", ".join("{" + k + "}" for k in fields)
+        ) from None
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -353,6 +369,9 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"protocol.shots: every shot count must be >= 1, got {cfg.protocol.shots}")
     if cfg.protocol.name in ("cross_dataset", "domain_generalisation") and not cfg.protocol.targets:
         raise ConfigError(f"protocol.targets: protocol '{cfg.protocol.name}' needs target datasets")
+    lo_hi = cfg.data.crop_scale
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        raise ConfigError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {lo_hi}")
     if cfg.data.short_side is not None and cfg.data.short_side < 1:
         raise ConfigError(f"data.short_side: must be >= 1 or null, got {cfg.data.short_side}")
 

@@ -12,7 +12,6 @@ run therefore replays the same batches, the same crops and the same learning rat
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
@@ -50,6 +49,7 @@ __all__ = [
     "epoch_lr",
     "set_epoch_lr",
     "steps_per_epoch",
+    "load_trained",
 ]
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -337,7 +337,7 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         for i in range(per_epoch):
             images, labels = source.batch(order[i * bs : (i + 1) * bs])
-            images = augment(images.to(device, non_blocking=True), generator=aug_gen)
+            images = augment(_to_device(images, device), generator=aug_gen)
             labels = labels.to(device, non_blocking=True)
             with autocast_context(device, tcfg.precision):
                 loss = forward(images, labels).loss
@@ -390,6 +390,13 @@ def fit(
                        checkpoint=str(last_path) if last_path else None)
 
 
+def _to_device(images, device: torch.device):
+    # The image cache returns one tensor, or a list when the decoded images differ in size.
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True)
+    return [im.to(device, non_blocking=True) for im in images]
+
+
 def _save(root, model, optimizer, scaler, config_dict, seed, epoch, step, epoch_losses) -> Path:
     optim_tensors, optim_rest = optimizer_state_to_flat(optimizer.state_dict())
     meta = {
@@ -410,8 +417,9 @@ def _save(root, model, optimizer, scaler, config_dict, seed, epoch, step, epoch_
 def _progress(enabled: bool, *, total: int, initial: int, desc: str):
     from tqdm.auto import tqdm
 
-    # unit "img": tqdm's rate is then images/s and its ETA covers the whole run.
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not enabled,
+    # unit "img": tqdm's rate is then images/s and its ETA covers the whole run. Bars only on a
+    # terminal: in a CI log they are noise (the log file and metrics.jsonl carry the numbers).
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not (enabled and sys.stderr.isatty()),
                 dynamic_ncols=True, leave=False, file=sys.stderr)
 
 

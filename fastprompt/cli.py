@@ -1,0 +1,165 @@
+"""The `fastprompt` command: train | eval | report | demo."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+OVERRIDES_HELP = (
+    "config overrides as key.sub=value, e.g. optim.lr=0.002 data.seeds=[1,2] method.options.n_ctx=4 "
+    "(values are YAML; unknown keys are errors that suggest the closest key)"
+)
+
+CONFIG_KEYS_HELP = """\
+config sections and keys (configs/*.yaml set them; override any with key.sub=value):
+  model.name            open_clip model (ViT-B-16, ...; fastprompt-tiny for tests)
+  model.pretrained      open_clip tag (openai), a local checkpoint file, or null for random weights
+  model.dtype           fp32 | bf16 | fp16 storage of the frozen CLIP
+  method.name           zsclip coop cocoop kgcoop maple dpl, each also as dept+<name>
+  method.options.*      the method's options (n_ctx, ctx_init, lam, ...; see method_defaults)
+  data.dataset          imagenet caltech101 oxford_pets stanford_cars oxford_flowers food101
+                        fgvc_aircraft sun397 dtd eurosat ucf101 imagenet_{v2,sketch,a,r} imagefolder
+  data.root             the data root in CoOp's layout (for imagefolder: the image tree itself)
+  data.shots / seeds    shots per class (16) and seeds ([1, 2, 3]; each seed samples and trains)
+  data.cache_dir        few-shot split cache (default <output_dir>/splits); data.allow_corrupt
+  optim.name lr momentum weight_decay head_lr_mult warmup_epochs warmup_lr scheduler grad_clip
+  train.epochs batch_size precision(fp32|bf16|fp16) compile device log_every checkpoint_every
+        eval_batch_size num_workers progress
+  protocol.name         base2new | cross_dataset | domain_generalisation | few_shot | train_eval
+  protocol.targets      target datasets (cross_dataset, domain_generalisation)
+  protocol.shots        shot counts of the few_shot protocol ([1, 2, 4, 8, 16])
+  output_dir            run folder; {protocol} {method} {dataset} {shots} {model} are filled in
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastprompt",
+        description="Fast prompt tuning of CLIP models (CoOp, CoCoOp, KgCoOp, MaPLe, DPL, DePT).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `fastprompt demo` for a complete CPU run in a few minutes; `fastprompt COMMAND --help` for details.",
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="run a protocol end to end: train, evaluate, write results and the report",
+        description="Run the config's protocol end to end (e.g. base-to-new: few-shot sampling, train on the "
+                    "base classes, evaluate base and new, HM, for every seed), then write results.json, "
+                    "report.md and chart.png in output_dir.",
+        epilog=CONFIG_KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", help="YAML config file, e.g. configs/base2new/dept_coop.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its last checkpoint (same output_dir); the "
+                            "result equals an uninterrupted run")
+
+    ev = sub.add_parser(
+        "eval", help="evaluate the trained checkpoints of a run folder again (no training)",
+        description="Rebuild each seed's model from RUN_DIR/config.yaml and its checkpoints, and evaluate "
+                    "the protocol again (e.g. after changing train.eval_batch_size or the data root). "
+                    "Training-side keys must stay as they were; zero-shot methods (zsclip) need no checkpoint.",
+        epilog=CONFIG_KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("run_dir", help="a run folder written by `fastprompt train` (holds config.yaml)")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+    rep = sub.add_parser(
+        "report", help="Markdown table and PNG chart from one or more run folders",
+        description="Read results.json of each RUN_DIR and write report.md and chart.png.",
+    )
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each holds results.json)")
+    rep.add_argument("--out", default=None, help="folder for report.md and chart.png (default: the first RUN_DIR)")
+
+    demo = sub.add_parser(
+        "demo", help="a complete base-to-new run (DePT + CoOp) on bundled digits with a tiny random CLIP, on CPU",
+        description="Write scikit-learn's handwritten digits as an ImageFolder, train DePT + CoOp on the base "
+                    "digits with a small randomly initialised open_clip ViT, evaluate base and new, and print "
+                    "the Base/New/HM table, throughput and the run folder. Needs no GPU and no network.",
+    )
+    demo.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo)")
+    demo.add_argument("--fast", action="store_true", help="one seed and two epochs (for CI)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    return parser
+
+
+def _print_summary(results: dict, out: Path) -> None:
+    from .report import markdown_table, write_report
+
+    md, chart = write_report([out])
+    print("\n" + markdown_table([results]))
+    runs = results.get("runs", [])
+    rates = [r["train"]["images_per_s"] for r in runs if r.get("train", {}).get("images_per_s")]
+    if rates:
+        print(f"training throughput {sum(rates) / len(rates):.1f} images/s on {results['device']}")
+    print(f"wall time {results['wall_seconds']:.0f} s; results in {out}/results.json, table {md}, chart {chart}")
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .evaluate import run_protocol
+
+    cfg = load_config(args.config, args.overrides)
+    results = run_protocol(cfg, resume=args.resume)
+    _print_summary(results, Path(cfg.output_dir))
+
+
+def _eval(args) -> None:
+    from .config import ConfigError, load_config
+    from .evaluate import run_protocol
+
+    config = Path(args.run_dir) / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"{args.run_dir} is not a run folder (no config.yaml); pass the output_dir of a train run")
+    cfg = load_config(config, [f"output_dir={args.run_dir}", *args.overrides])
+    results = run_protocol(cfg, train=False)
+    _print_summary(results, Path(cfg.output_dir))
+
+
+def _report(args) -> None:
+    from .report import load_results, markdown_table, write_report
+
+    md, chart = write_report(args.run_dirs, args.out)
+    print(markdown_table(load_results(args.run_dirs)))
+    print(f"wrote {md} and {chart}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, args.overrides, fast=args.fast)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    expected = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+    try:
+        from .data import DatasetError
+
+        expected = (*expected, DatasetError)
+    except ImportError:
+        pass
+    handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo}[args.command]
+    try:
+        handler(args)
+    except expected as exc:  # the user's input: say what is wrong, no traceback
+        if args.traceback or os.environ.get("FASTPROMPT_TRACEBACK"):
+            raise
+        print(f"fastprompt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Evaluation protocols: accuracy, base-to-new (one command, seeds averaged, HM of the averages),
+cross-dataset transfer, domain generalisation and few-shot.
+
+Each protocol trains what it needs through `fastprompt.train.fit` (or, with `train=False`, loads the
+run's checkpoints), evaluates, and writes per-run `result.json` files plus the aggregate
+`results.json` in the output folder. Folder layout of one command:
+
+    <output_dir>/config.yaml                       the resolved config
+    <output_dir>/results.json                      the aggregate (what `fastprompt report` reads)
+    <output_dir>/splits/                           few-shot samples cached per (dataset, shots, seed)
+    <output_dir>/[shots<k>/]seed<s>/               train.log, metrics.jsonl, checkpoints/, result.json
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_bytes
+from .config import Config, check_method_options, config_to_dict, save_config
+from .train import RunLogger, autocast_context, fit, load_trained, resolve_device, seed_everything
+
+__all__ = [
+    "accuracy",
+    "harmonic_mean",
+    "Session",
+    "run_protocol",
+    "run_base2new",
+    "run_transfer",
+    "run_few_shot",
+    "run_train_eval",
+]
+
+Say = Callable[[str], None]
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, samples: list, *, session: "Session", desc: str = "eval") -> tuple[float, float]:
+    """Top-1 accuracy in percent over `samples` with the model's current class names, and images/s."""
+    from tqdm.auto import tqdm
+
+    from .data import eval_loader
+
+    cfg, clip, device = session.cfg, session.clip, session.device
+    loader = eval_loader(samples, image_size=clip.image_size, mean=clip.mean, std=clip.std,
+                         batch_size=cfg.train.eval_batch_size, num_workers=cfg.train.num_workers,
+                         allow_corrupt=cfg.data.allow_corrupt, pin_memory=device.type == "cuda")
+    model.eval()
+    correct = seen = 0
+    start = time.perf_counter()
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=not (cfg.train.progress and sys.stderr.isatty()), leave=False,
+              dynamic_ncols=True, file=sys.stderr) as bar:
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast_context(device, cfg.train.precision):
+                logits = model(images).logits
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            seen += labels.numel()
+            bar.update(labels.numel())
+    if seen == 0:
+        raise RuntimeError(f"{desc}: no readable test images")
+    rate = seen / max(time.perf_counter() - start, 1e-9)
+    return 100.0 * correct / seen, rate
+
+
+# --------------------------------------------------------------------------- one command's session
+
+
+@dataclass
+class Session:
+    """What every run of one command shares: the config, the frozen CLIP, the device, the output."""
+
+    cfg: Config
+    clip: object
+    device: torch.device
+    out: Path
+    method_options: dict
+    resume: bool = False
+    train: bool = True  # False: load each run's checkpoint instead of training (`fastprompt eval`)
+    say: Say = print
+
+    @classmethod
+    def open(cls, cfg: Config, *, resume: bool = False, train: bool = True, say: Say = print) -> "Session":
+        from .clip import load_clip
+        from .methods import METHOD_NAMES, method_defaults
+
+        options = check_method_options(cfg, METHOD_NAMES, method_defaults(cfg.method.name)
+                                       if cfg.method.name in METHOD_NAMES else {})
+        device = resolve_device(cfg.train.device)
+        say(f"loading CLIP {cfg.model.name} (weights: {cfg.model.pretrained or 'random init'}) on {device}")
+        clip = load_clip(cfg.model.name, cfg.model.pretrained, dtype=cfg.model.dtype, device=device)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        return cls(cfg=cfg, clip=clip, device=device, out=out, method_options=options,
+                   resume=resume, train=train, say=say)
+
+    def load_splits(self, name: Optional[str] = None):
+        from .data import load_dataset
+
+        return load_dataset(name or self.cfg.data.dataset, self.cfg.data.root)
+
+    def few_shot(self, splits, shots: int, seed: int):
+        from .data import few_shot_split
+
+        cache = self.cfg.data.cache_dir or str(self.out / "splits")
+        return few_shot_split(splits, shots, seed, cache)
+
+    def build_model(self, classnames: list[str], seed: int) -> nn.Module:
+        from .methods import build_model
+
+        seed_everything(seed)  # the prompt/head initialisation depends on the seed, as in Dassl
+        model = build_model(self.cfg.method.name, self.clip, list(classnames), **self.method_options)
+        return model.to(self.device)
+
+    def train_model(self, model: nn.Module, train_samples: list, run_dir: Path, seed: int) -> dict:
+        """Fit on `train_samples` (or load run_dir's checkpoint when not training); train stats."""
+        if not any(p.requires_grad for p in model.parameters()):
+            return {}  # zero-shot CLIP: nothing to train or load
+        if not self.train:
+            meta = load_trained(model, run_dir)
+            return {"loaded_checkpoint_step": meta["step"]}
+        from .data import GpuAugment, TrainImageCache
+
+        cfg, clip = self.cfg, self.clip
+        short_side = cfg.data.short_side or math.ceil(clip.image_size * 8 / 7)
+        # Small few-shot caches live on the accelerator; augmentation then never leaves it.
+        cache = TrainImageCache(train_samples, short_side=short_side, device=self.device,
+                                allow_corrupt=cfg.data.allow_corrupt, num_workers=cfg.train.num_workers)
+        augment = GpuAugment(clip.image_size, clip.mean, clip.std, scale=tuple(cfg.data.crop_scale)).to(self.device)
+        logger = RunLogger(run_dir)
+        if cache.skipped:
+            logger.info(f"skipped {len(cache.skipped)} unreadable training images (data.allow_corrupt=true)")
+        try:
+            result = fit(model, cache, augment, cfg, run_dir, seed=seed, resume=self.resume, logger=logger)
+        finally:
+            logger.close()
+        return {"steps": result.steps, "seconds": round(result.seconds, 3),
+                "images_per_s": round(result.images_per_s, 2), "epoch_losses": result.epoch_losses,
+                "resumed_from_step": result.resumed_from_step, "skipped_images": len(cache.skipped)}
+
+    def seed_dir(self, seed: int, *parts: str) -> Path:
+        path = self.out.joinpath(*parts, f"seed{seed}")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _header(session: Session, protocol: str) -> dict:
+    cfg = session.cfg
+    return {"protocol": protocol, "dataset": cfg.data.dataset, "method": cfg.method.name,
+            "model": cfg.model.name, "pretrained": cfg.model.pretrained, "shots": cfg.data.shots,
+            "seeds": list(cfg.data.seeds), "config": config_to_dict(cfg)}
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+def run_base2new(session: Session) -> dict:
+    """Few-shot sample, split base/new, train on base, test base (base names) and new (new names)."""
+    from .data import split_base_new
+
+    cfg = session.cfg
+    full = session.load_splits()
+    runs = []
+    for seed in cfg.data.seeds:
+        run_dir = session.seed_dir(seed)
+        base, new = split_base_new(session.few_shot(full, cfg.data.shots, seed))
+        model = session.build_model(base.classnames, seed)
+        train_stats = session.train_model(model, base.train, run_dir, seed)
+        base_acc, base_rate = accuracy(model, base.test, session=session, desc=f"seed {seed} base")
+        model.set_classnames(new.classnames)  # new classes: the new names only (DePT: ITM head only)
+        new_acc, new_rate = accuracy(model, new.test, session=session, desc=f"seed {seed} new")
+        run = {"seed": seed, "base": base_acc, "new": new_acc, "hm": harmonic_mean(base_acc, new_acc),
+               "num_base_classes": base.num_classes, "num_new_classes": new.num_classes,
+               "eval_images_per_s": round(_mean([base_rate, new_rate]), 2), "train": train_stats}
+        _write_json(run_dir / "result.json", run)
+        session.say(f"seed {seed}: base {base_acc:.2f}  new {new_acc:.2f}  HM {run['hm']:.2f}")
+        runs.append(run)
+    base_mean, new_mean = _mean([r["base"] for r in runs]), _mean([r["new"] for r in runs])
+    return {**_header(session, "base2new"), "runs": runs,
+            "mean": {"base": base_mean, "new": new_mean, "hm": harmonic_mean(base_mean, new_mean)},
+            "std": {"base": _std([r["base"] for r in runs]), "new": _std([r["new"] for r in runs])}}
+
+
+def run_transfer(session: Session) -> dict:
+    """Cross-dataset and domain generalisation: train on the source (all classes), test targets.
+
+    A target with `class_indices` (ImageNet-A/-R: 200 of ImageNet's 1000 classes) slices DePT's CAT
+    head to those rows; a target with the source's class names uses the fused head; any other
+    target is ITM only (set_classnames decides).
+    """
+    cfg = session.cfg
+    source = session.load_splits()
+    targets = {name: session.load_splits(name) for name in cfg.protocol.targets}  # fail early on layouts
+    runs = []
+    for seed in cfg.data.seeds:
+        run_dir = session.seed_dir(seed)
+        train_split = session.few_shot(source, cfg.data.shots, seed)
+        model = session.build_model(source.classnames, seed)
+        train_stats = session.train_model(model, train_split.train, run_dir, seed)
+        acc = {}
+        acc[source.name], _ = accuracy(model, source.test, session=session, desc=f"seed {seed} {source.name}")
+        for name, target in targets.items():
+            _set_target_classes(model, target)
+            acc[name], _ = accuracy(model, target.test, session=session, desc=f"seed {seed} {name}")
+        model.set_classnames(source.classnames)
+        run = {"seed": seed, "accuracy": acc, "train": train_stats,
+               "target_mean": _mean([acc[n] for n in targets])}
+        _write_json(run_dir / "result.json", run)
+        session.say(f"seed {seed}: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        runs.append(run)
+    names = [source.name, *targets]
+    mean = {n: _mean([r["accuracy"][n] for r in runs]) for n in names}
+    return {**_header(session, cfg.protocol.name), "source": source.name, "targets": list(targets),
+            "runs": runs, "mean": mean, "target_mean": _mean([mean[n] for n in targets])}
+
+
+def _set_target_classes(model: nn.Module, target) -> None:
+    # Only DePT models take `cat_head_rows`; others just switch names.
+    if target.class_indices is not None and "cat_head_rows" in inspect.signature(model.set_classnames).parameters:
+        model.set_classnames(target.classnames, cat_head_rows=target.class_indices)
+    else:
+        model.set_classnames(target.classnames)
+
+
+def run_few_shot(session: Session) -> dict:
+    """Train and test on all classes for every shot count in protocol.shots, every seed."""
+    cfg = session.cfg
+    full = session.load_splits()
+    per_shots = {}
+    for shots in cfg.protocol.shots:
+        accs = []
+        for seed in cfg.data.seeds:
+            run_dir = session.seed_dir(seed, f"shots{shots}")
+            split = session.few_shot(full, shots, seed)
+            model = session.build_model(full.classnames, seed)
+            train_stats = session.train_model(model, split.train, run_dir, seed)
+            acc, rate = accuracy(model, full.test, session=session, desc=f"{shots}-shot seed {seed}")
+            _write_json(run_dir / "result.json", {"seed": seed, "shots": shots, "accuracy": acc,
+                                                  "eval_images_per_s": round(rate, 2), "train": train_stats})
+            session.say(f"{shots}-shot seed {seed}: accuracy {acc:.2f}")
+            accs.append(acc)
+        per_shots[str(shots)] = {"accuracy": accs, "mean": _mean(accs), "std": _std(accs)}
+    return {**_header(session, "few_shot"), "shots_list": list(cfg.protocol.shots), "results": per_shots}
+
+
+def run_train_eval(session: Session) -> dict:
+    """Plain training on all classes (data.shots per class) and test accuracy: a user's own data."""
+    cfg = session.cfg
+    full = session.load_splits()
+    runs = []
+    for seed in cfg.data.seeds:
+        run_dir = session.seed_dir(seed)
+        split = session.few_shot(full, cfg.data.shots, seed)
+        model = session.build_model(full.classnames, seed)
+        train_stats = session.train_model(model, split.train, run_dir, seed)
+        acc, rate = accuracy(model, full.test, session=session, desc=f"seed {seed} test")
+        run = {"seed": seed, "accuracy": acc, "eval_images_per_s": round(rate, 2), "train": train_stats}
+        _write_json(run_dir / "result.json", run)
+        session.say(f"seed {seed}: accuracy {acc:.2f}")
+        runs.append(run)
+    return {**_header(session, "train_eval"), "runs": runs, "mean": {"accuracy": _mean([r["accuracy"] for r in runs])}}
+
+
+PROTOCOLS = {
+    "base2new": run_base2new,
+    "cross_dataset": run_transfer,
+    "domain_generalisation": run_transfer,
+    "few_shot": run_few_shot,
+    "train_eval": run_train_eval,
+}
+
+
+def run_protocol(cfg: Config, *, resume: bool = False, train: bool = True, say: Say = print) -> dict:
+    """Run cfg.protocol end to end; writes and returns the aggregate results."""
+    session = Session.open(cfg, resume=resume, train=train, say=say)
+    start = time.perf_counter()
+    results = PROTOCOLS[cfg.protocol.name](session)
+    results["wall_seconds"] = round(time.perf_counter() - start, 2)
+    results["device"] = str(session.device) if session.device.type != "cuda" else torch.cuda.get_device_name()
+    _write_json(session.out / "results.json", results)
+    return results

@@ -17,8 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastprompt.kernels.decoupled_attention as fused
+import fastprompt.kernels
 from fastprompt.kernels import reference
+
+# The package attribute `decoupled_attention` is the op itself; the module comes from sys.modules.
+fused = sys.modules["fastprompt.kernels.decoupled_attention"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MIXES = ("exact", "fixed", "learned", "detached")
@@ -219,6 +222,11 @@ def test_theta_gradient_matches_finite_difference():
     assert numeric.abs().min() > 1e-3  # the check is not vacuous
 
 
+def test_package_exports_the_fused_op():
+    assert fastprompt.kernels.decoupled_attention is fused.decoupled_attention
+    assert fastprompt.kernels.reference.decoupled_attention is reference.decoupled_attention
+
+
 def test_forward_without_grad_and_default_return():
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
     out = fused.decoupled_attention(q, k, v, prompt_start=0, num_prompts=2)
@@ -327,7 +335,8 @@ _COMPILE_FOR_SM90 = r"""
 import itertools, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import fastprompt.kernels.decoupled_attention as m
+import sys, fastprompt.kernels
+m = sys.modules["fastprompt.kernels.decoupled_attention"]
 assert not m.INTERPRETED
 FP32_PTRS = {"LseP", "LseX", "TableX", "TableP", "StatP", "StatX", "DeltaP", "DeltaX", "DwRow"}
 def signature(fn, dtype, consts):

@@ -1,0 +1,122 @@
+"""The drop-in DecoupledAttention and swap_attention, on tiny random-init open_clip models.
+
+Exact rules must reproduce the original model (fp32, ~1e-5); other rules must equal the same
+model run through the reference op. Runs under the Triton interpreter on the CPU.
+"""
+from __future__ import annotations
+
+import copy
+
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+from fastprompt.kernels import DecoupledAttention, swap_attention
+from fastprompt.kernels.attention_module import mask_is_causal
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tiny_clip() -> nn.Module:
+    """A 2-layer vision + 2-layer text CLIP, random init (width 64, 4 heads of 16)."""
+    vision = open_clip.model.CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=8, image_size=32)
+    text = open_clip.model.CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=4, layers=2)
+    model = open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
+    return model.to(DEVICE).eval()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _inputs():
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    tokens = torch.randint(1, 100, (3, 16), device=DEVICE)
+    return images, tokens
+
+
+def test_exact_swap_reproduces_open_clip():
+    model = _tiny_clip()
+    images, tokens = _inputs()
+    with torch.no_grad():
+        want_img, want_txt = model.encode_image(images), model.encode_text(tokens)
+    swapped = copy.deepcopy(model)
+    # Exact rules are standard attention at any prompt range: pretend tokens 1..4 are prompts.
+    names = swap_attention(swapped, prompt_start=1, num_prompts=4)
+    assert len(names) == 4 and all(isinstance(swapped.get_submodule(n), DecoupledAttention) for n in names)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in swapped.modules())
+    with torch.no_grad():
+        got_img, got_txt = swapped.encode_image(images), swapped.encode_text(tokens)
+    assert _rel(got_img, want_img) < 1e-5
+    assert _rel(got_txt, want_txt) < 1e-5  # the text tower's causal mask was recognised
+
+
+def test_weights_are_shared_not_copied():
+    model = _tiny_clip()
+    mha = model.transformer.resblocks[0].attn
+    swap_attention(model, prompt_start=0, num_prompts=0)
+    swapped = model.transformer.resblocks[0].attn
+    assert swapped.in_proj_weight is mha.in_proj_weight
+    assert swapped.in_proj_bias is mha.in_proj_bias
+    assert swapped.out_proj is mha.out_proj
+
+
+def test_dpl_rules_match_the_reference_backend_forward_and_backward():
+    """fixed instance rows, learned prompt rows, language-conditioned text prompts, fused vs reference."""
+    model = _tiny_clip()
+    images, tokens = _inputs()
+    options = dict(prompt_start=1, num_prompts=4, prompt_rows_see_all=True, instance_mix="fixed",
+                   instance_weight=0.2, prompt_mix="learned", prompt_weight=torch.randn(4))
+    results = []
+    for backend in ("triton", "reference"):
+        m = copy.deepcopy(model)
+        swap_attention(m, backend=backend, **options)
+        feats = torch.cat([m.encode_image(images), m.encode_text(tokens)])
+        (feats * torch.linspace(-1, 1, feats.numel(), device=DEVICE).view_as(feats)).sum().backward()
+        theta_grads = torch.stack([mod.prompt_theta.grad for mod in m.modules() if isinstance(mod, DecoupledAttention)])
+        results.append((feats.detach(), m.transformer.resblocks[0].attn.in_proj_weight.grad, theta_grads))
+    (f_tri, g_tri, t_tri), (f_ref, g_ref, t_ref) = results
+    assert _rel(f_tri, f_ref) < 2e-5
+    assert _rel(g_tri, g_ref) < 2e-5
+    assert _rel(t_tri, t_ref) < 1e-4 and t_ref.abs().max() > 0
+    # The rules change the function: the exact model gives different features.
+    with torch.no_grad():
+        exact = torch.cat([model.encode_image(images), model.encode_text(tokens)])
+    assert _rel(f_tri, exact) > 1e-3
+
+
+def test_mask_recognition_and_refusal():
+    n = 6
+    additive = torch.full((n, n), float("-inf")).triu(1)
+    assert mask_is_causal(additive, n)
+    assert mask_is_causal(torch.ones(n, n, dtype=torch.bool).triu(1), n)
+    assert not mask_is_causal(torch.zeros(n, n), n)
+    assert not mask_is_causal(additive[:5, :5], n)
+    mha = nn.MultiheadAttention(32, 2, batch_first=True).to(DEVICE)
+    attn = DecoupledAttention(mha)
+    x = torch.randn(2, n, 32, device=DEVICE)
+    padding = torch.zeros(n, n, device=DEVICE)
+    padding[:, -1] = float("-inf")
+    with pytest.raises(ValueError, match="attn_mask"):
+        attn(x, x, x, attn_mask=padding)
+    with pytest.raises(ValueError, match="self-attention"):
+        attn(x, x.clone(), x)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attn(x, x, x, key_padding_mask=torch.zeros(2, n, dtype=torch.bool, device=DEVICE))
+    want, _ = mha(x, x, x, need_weights=False, attn_mask=additive.to(DEVICE))
+    got, weights = attn(x, x, x, need_weights=False, attn_mask=additive.to(DEVICE))
+    assert weights is None and _rel(got, want) < 1e-5
+
+
+def test_unsupported_modules_are_refused_or_left_alone():
+    with pytest.raises(ValueError, match="kdim/vdim"):
+        DecoupledAttention(nn.MultiheadAttention(32, 2, batch_first=True, kdim=16, vdim=16))
+    with pytest.raises(ValueError, match="dropout"):
+        DecoupledAttention(nn.MultiheadAttention(32, 2, batch_first=True, dropout=0.1))
+    seq_first = nn.Sequential(nn.MultiheadAttention(32, 2))
+    with pytest.raises(ValueError, match="no batch-first"):
+        swap_attention(seq_first)
+    mixed = nn.ModuleDict({"a": nn.MultiheadAttention(32, 2, batch_first=True), "b": nn.MultiheadAttention(32, 2)})
+    assert swap_attention(mixed) == ["a"]
+    assert isinstance(mixed["b"], nn.MultiheadAttention)

@@ -26,5 +26,11 @@ $PY -m pytest tests/kernels/test_cat_head.py -q -rs -p no:cacheprovider 2>&1 | t
 step "CAT head table: B x C at d=512, bf16, vs eager / torch.compile / Liger"
 $PY benchmarks/cat_head_table.py --out "$RESULTS" || status=1
 
+step "decoupled attention kernel tests, natively (fp32/fp16/bf16, CLIP shapes, gpu-marked cases)"
+$PY -m pytest tests/kernels/test_decoupled_attention.py tests/kernels/test_attention_module.py -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/decoupled_attention_gpu_tests.log" || status=1
+
+step "decoupled attention table: ViT-B/16 vision + text shapes, bf16, vs eager / flex / SDPA / xformers"
+$PY benchmarks/attention_table.py --out "$RESULTS" || status=1
+
 if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/; fi
 exit $status

@@ -31,6 +31,7 @@ The LSEs returned with `return_lse=True` are analysis outputs: no gradient flows
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -42,7 +43,10 @@ from .validation import check_decoupled_attention_args, check_triton_runnable
 __all__ = ["decoupled_attention", "MIX_MODES", "INTERPRETED"]
 
 # Triton decides at decoration time whether `@triton.jit` kernels run in its CPU interpreter.
-INTERPRETED = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+if hasattr(triton, "knobs"):
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+else:  # Triton < 3.4 reads the variable directly
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Integer codes of the mixing rules inside the kernels.
 MODE_EXACT, MODE_DETACHED, MODE_FIXED, MODE_LEARNED = 0, 1, 2, 3

@@ -432,3 +432,24 @@ def test_gpu_large_batch_forward():
     out = fused.decoupled_attention(q, k, v, **kwargs)
     want = reference.decoupled_attention(q.float(), k.float(), v.float(), **kwargs)
     _assert_close(out, want, 1e-2, 0.0, "out")
+
+
+# --- the benchmark table's smoke mode, so CI exercises the script ---------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU benchmarks/gpu.sh runs the full table")
+def test_benchmark_table_smoke_mode_writes_its_report(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_table.py"
+    spec = importlib.util.spec_from_file_location("attention_table_smoke", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = json.loads(module.main(["--smoke", "--out", str(tmp_path)]).read_text())
+    assert report["benchmark"] == "decoupled_attention" and report["mode"].startswith("smoke")
+    impls = {(r["shape"], r["rules"], r["impl"]) for r in report["rows"]}
+    assert len(impls) == len(module.SMOKE_SHAPES) * len(module.RULES) * 2
+    for row in report["rows"]:
+        for mode in module.MODES:
+            assert row[f"{mode}_ms"] is not None and row[f"{mode}_ms"] > 0, row

@@ -12,7 +12,7 @@ per-row log-sum-exps and the inverse feature norms, which is all the backward ne
 
 Backward (no atomics, so bit-for-bit deterministic):
   1. `_logit_grad_kernel`  (row blocks x class blocks): recompute the logits of a tile, write
-     dz = dL/dz for the three heads plus dz_itm * z_itm, fp32 [4, B, C].
+     n = softmax - onehot for the three heads [3, B, C] (dot dtype) and n_itm * z_itm [B, C] fp32.
   2. `_row_grad_kernel`    (row blocks x feature blocks, loop over C): dg = dz W and the ITM
      gradient -> d f_I (and d f_T for per-image text); per-row-block partial sums of
      dgamma/dbeta (written [row blocks, d], summed in a second pass).
@@ -20,13 +20,14 @@ Backward (no atomics, so bit-for-bit deterministic):
      dW = dz^T g, db, and for shared text [C, d] d f_T (ITM part plus the CAT rows scattered back
      to their label through a one-hot product); split-K partials [splits, C, d] summed in a second pass.
 
-Dot products run with fp32 accumulation: fp32 inputs use exact fp32 ("ieee") dots, fp16/bf16
-inputs tf32 dots (operands upcast: dz is too small for fp16's range when B is large).
+Dot products accumulate in fp32; their operands take the features' dtype: exact fp32 ("ieee")
+dots for fp32, native fp16/bf16 dots otherwise (bf16 under the interpreter computes in fp32: its
+bf16 dot is wrong). Transforms, norms, softmax and every epilogue run in fp32. The stored logit
+gradients are softmax - onehot, in [-1, 1] whatever B is (fp16-safe); the head weights
+(1-lam)/B, lam/(2B) and the upstream gradient are applied in the reduction epilogues.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -44,7 +45,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 __all__ = ["cat_head_loss", "cat_head_logits"]
 
 # F.normalize divides by max(|x|, eps): below eps the gradient is a plain 1/eps scaling.
-NORM_EPS = 1e-12
+# (A constexpr: compiled Triton kernels may read only constexpr globals.)
+NORM_EPS = tl.constexpr(1e-12) if HAS_TRITON else 1e-12
 _FALLBACK = 'head_backend="reference" (fastprompt.kernels.reference.cat_head_loss / cat_head_logits)'
 
 # Tests set this to a BlockSizes to force small tiles (several C tiles, several row splits) on
@@ -55,9 +57,10 @@ FORCE_BLOCKS = None
 class BlockSizes:
     """Tile sizes for the four kernels (every dot dimension must be >= 16)."""
 
-    def __init__(self, rows: int, classes: int, features: int, splits: Optional[int] = None, num_warps: int = 4):
+    def __init__(self, rows: int, classes: int, features: int, splits: Optional[int] = None, num_warps: int = 4,
+                 num_stages: int = 2):
         self.rows, self.classes, self.features = rows, classes, features
-        self.splits, self.num_warps = splits, num_warps
+        self.splits, self.num_warps, self.num_stages = splits, num_warps, num_stages
 
     def __repr__(self) -> str:
         return f"BlockSizes(rows={self.rows}, classes={self.classes}, features={self.features}, splits={self.splits})"
@@ -67,7 +70,7 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, device: torch.device) -> BlockSizes:
+def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, device: torch.device, dtype: torch.dtype) -> BlockSizes:
     if FORCE_BLOCKS is not None:
         return FORCE_BLOCKS
     if device.type != "cuda":
@@ -75,10 +78,15 @@ def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, device: torch.devic
         if per_row_text:
             return BlockSizes(_pow2_clamp(b, 16, 32), _pow2_clamp(c, 16, 64), _pow2_clamp(d, 16, 64), splits=1)
         return BlockSizes(_pow2_clamp(b, 16, 64), _pow2_clamp(c, 16, 128), _pow2_clamp(d, 16, 128), splits=1)
-    # GPU: a 3-D [rows, classes, features] text tile lives in registers; keep it near 8K elements.
+    # GPU: the largest tiles that compile for sm_90 without register spills in any of the five
+    # kernels (ptxas resource usage read from Triton 3.8 cubins; not yet timed on a GPU).
+    # A 3-D per-row text tile [rows, classes, features] is the heaviest; fp32 operands cost more
+    # registers than fp16/bf16 ones.
     if per_row_text:
-        return BlockSizes(16, 16, 32)
-    return BlockSizes(16 if b <= 512 else 32, 64, 64)
+        return BlockSizes(16, 16, 16, num_warps=8)
+    if dtype == torch.float32:
+        return BlockSizes(16, 32, 32, num_warps=8)
+    return BlockSizes(16, 64, 64, num_warps=8)
 
 
 def _row_splits(blocks: BlockSizes, b: int, c: int, d: int, device: torch.device) -> int:
@@ -97,8 +105,60 @@ if HAS_TRITON:
     @triton.jit
     def _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR: tl.constexpr):
         if SCALE_FROM_PTR:
-            return tl.load(scale_ptr).to(tl.float32)
-        return scale_value
+            s = tl.load(scale_ptr).to(tl.float32)
+        else:
+            s = scale_value
+        return s
+
+    @triton.jit
+    def _head_logit_tiles(
+        img_ptr, txt_ptr, true_txt_row, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
+        rows64, row_ok, cols64, col_ok, C, D,
+        PER_ROW_TEXT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One [BLOCK_B, BLOCK_C] tile of the three heads, summed over d in BLOCK_D slices.
+
+        Returns (g_I W^T, g_T[y] W^T, f_I . f_T unnormalised, sum of f_T^2 per class or per
+        (row, class)); bias, norms and scale are applied by the caller."""
+        acc_img = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        acc_txt = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        raw_itm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        if PER_ROW_TEXT:
+            ssq_t = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        else:
+            ssq_t = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            k_ok = ks < D
+            rk_mask = row_ok[:, None] & k_ok[None, :]
+            f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0)
+            f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+            gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            beta_t = tl.load(beta_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            # The transform in fp32, rounded once to the dot's operand type.
+            g_i = (f_i.to(tl.float32) * gamma_i[None, :] + beta_i[None, :]).to(DOT)
+            g_t = (f_tt * gamma_t[None, :] + beta_t[None, :]).to(DOT)
+            w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w_t = tl.trans(w.to(DOT))
+            acc_img += tl.dot(g_i, w_t, input_precision=PRECISION)
+            acc_txt += tl.dot(g_t, w_t, input_precision=PRECISION)
+            if PER_ROW_TEXT:
+                # Each row has its own C x d text matrix: a batched mat-vec, not a matmul.
+                f_t = tl.load(
+                    txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
+                    mask=row_ok[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :], other=0.0,
+                ).to(tl.float32)
+                raw_itm += tl.sum(f_i.to(tl.float32)[:, None, :] * f_t, axis=2)
+                ssq_t += tl.sum(f_t * f_t, axis=2)
+            else:
+                f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                raw_itm += tl.dot(f_i.to(DOT), tl.trans(f_t.to(DOT)), input_precision=PRECISION)
+                f_t32 = f_t.to(tl.float32)
+                ssq_t += tl.sum(f_t32 * f_t32, axis=1)
+        return acc_img, acc_txt, raw_itm, ssq_t
 
     @triton.jit
     def _loss_fwd_kernel(
@@ -106,7 +166,7 @@ if HAS_TRITON:
         scale_ptr, scale_value, coef_itm, coef_cat,
         loss_rows_ptr, lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr,
         B, C, D,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, PRECISION: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program: BLOCK_B rows against all C classes. Writes loss_rows [B], lse [3, B]
@@ -121,12 +181,11 @@ if HAS_TRITON:
             true_txt_row = (rows64 * C + y) * D
         else:
             true_txt_row = y * D
-        ks0 = tl.arange(0, BLOCK_D)
 
         # Image norms first: every C tile needs them.
         ssq_i = tl.zeros([BLOCK_B], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_D):
-            ks = k0 + ks0
+            ks = k0 + tl.arange(0, BLOCK_D)
             f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0).to(tl.float32)
             ssq_i += tl.sum(f_i * f_i, axis=1)
         inv_ni = 1.0 / tl.maximum(tl.sqrt(ssq_i), NORM_EPS)
@@ -145,41 +204,10 @@ if HAS_TRITON:
             cols = c0 + tl.arange(0, BLOCK_C)
             col_ok = cols < C
             cols64 = cols.to(tl.int64)
-            acc_img = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-            acc_txt = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-            raw_itm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-            if PER_ROW_TEXT:
-                ssq_t = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-            else:
-                ssq_t = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_D):
-                ks = k0 + ks0
-                k_ok = ks < D
-                rk_mask = row_ok[:, None] & k_ok[None, :]
-                f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
-                f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
-                gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                beta_t = tl.load(beta_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                g_i = f_i * gamma_i[None, :] + beta_i[None, :]
-                g_t = f_tt * gamma_t[None, :] + beta_t[None, :]
-                w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                w_t = tl.trans(w)
-                acc_img += tl.dot(g_i, w_t, input_precision=PRECISION)
-                acc_txt += tl.dot(g_t, w_t, input_precision=PRECISION)
-                if PER_ROW_TEXT:
-                    # Each row has its own C x d text matrix: a batched mat-vec, not a matmul.
-                    f_t = tl.load(
-                        txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
-                        mask=row_ok[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :], other=0.0,
-                    ).to(tl.float32)
-                    raw_itm += tl.sum(f_i[:, None, :] * f_t, axis=2)
-                    ssq_t += tl.sum(f_t * f_t, axis=2)
-                else:
-                    f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                    raw_itm += tl.dot(f_i, tl.trans(f_t), input_precision=PRECISION)
-                    ssq_t += tl.sum(f_t * f_t, axis=1)
+            acc_img, acc_txt, raw_itm, ssq_t = _head_logit_tiles(
+                img_ptr, txt_ptr, true_txt_row, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
+                rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_D,
+            )
             inv_nt = 1.0 / tl.maximum(tl.sqrt(ssq_t), NORM_EPS)
             if PER_ROW_TEXT:
                 z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
@@ -189,13 +217,11 @@ if HAS_TRITON:
                 # Every program computes the same class norms; one of them keeps them.
                 tl.store(inv_norm_txt_ptr + cols64, inv_nt, mask=col_ok & (pid == 0))
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            z_img = acc_img + bias[None, :]
-            z_txt = acc_txt + bias[None, :]
             valid = col_ok[None, :]
             is_target = cols64[None, :] == y[:, None]
             z_itm = tl.where(valid, z_itm, neg_inf)
-            z_img = tl.where(valid, z_img, neg_inf)
-            z_txt = tl.where(valid, z_txt, neg_inf)
+            z_img = tl.where(valid, acc_img + bias[None, :], neg_inf)
+            z_txt = tl.where(valid, acc_txt + bias[None, :], neg_inf)
             t_itm += tl.sum(tl.where(is_target, z_itm, 0.0), axis=1)
             t_img += tl.sum(tl.where(is_target, z_img, 0.0), axis=1)
             t_txt += tl.sum(tl.where(is_target, z_txt, 0.0), axis=1)
@@ -222,13 +248,15 @@ if HAS_TRITON:
     @triton.jit
     def _logit_grad_kernel(
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr, bias_ptr,
-        scale_ptr, scale_value, grad_loss_ptr, coef_itm, coef_cat,
-        lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr, dz_ptr,
+        scale_ptr, scale_value, lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr,
         B, C, D,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, PRECISION: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """dz [4, B, C] fp32: dL/dz for itm, cat image, cat text, and (dL/dz_itm) * z_itm."""
+        """The logit gradients without their weights: n [3, B, C] = softmax - onehot for the itm,
+        cat image and cat text heads (in the dot dtype: values in [-1, 1] suit fp16/bf16), and
+        nz [B, C] fp32 = n_itm * z_itm. The weights (1-lam)/B, lam/(2B) and the upstream gradient
+        are applied by the reduction kernels' epilogues."""
         pid_b = tl.program_id(0)
         pid_c = tl.program_id(1)
         rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -243,33 +271,10 @@ if HAS_TRITON:
             true_txt_row = (rows64 * C + y) * D
         else:
             true_txt_row = y * D
-        acc_img = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        acc_txt = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        raw_itm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            ks = k0 + tl.arange(0, BLOCK_D)
-            k_ok = ks < D
-            rk_mask = row_ok[:, None] & k_ok[None, :]
-            f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
-            f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
-            gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            beta_t = tl.load(beta_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            g_i = f_i * gamma_i[None, :] + beta_i[None, :]
-            g_t = f_tt * gamma_t[None, :] + beta_t[None, :]
-            w_t = tl.trans(tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32))
-            acc_img += tl.dot(g_i, w_t, input_precision=PRECISION)
-            acc_txt += tl.dot(g_t, w_t, input_precision=PRECISION)
-            if PER_ROW_TEXT:
-                f_t = tl.load(
-                    txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
-                    mask=row_ok[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :], other=0.0,
-                ).to(tl.float32)
-                raw_itm += tl.sum(f_i[:, None, :] * f_t, axis=2)
-            else:
-                f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                raw_itm += tl.dot(f_i, tl.trans(f_t), input_precision=PRECISION)
+        acc_img, acc_txt, raw_itm, _ = _head_logit_tiles(
+            img_ptr, txt_ptr, true_txt_row, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
+            rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_D,
+        )
         inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
         tile_mask = row_ok[:, None] & col_ok[None, :]
         if PER_ROW_TEXT:
@@ -278,39 +283,36 @@ if HAS_TRITON:
             inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)[None, :]
         z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        z_img = acc_img + bias[None, :]
-        z_txt = acc_txt + bias[None, :]
         lse_itm = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         lse_img = tl.load(lse_ptr + B + rows, mask=row_ok, other=0.0)
         lse_txt = tl.load(lse_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-        g = tl.load(grad_loss_ptr).to(tl.float32)
         onehot = tl.where(cols64[None, :] == y[:, None], 1.0, 0.0)
-        # d CE / d z = softmax - onehot, times the head's weight and the upstream gradient.
-        dz_itm = (g * coef_itm) * (tl.exp(z_itm - lse_itm[:, None]) - onehot)
-        dz_img = (g * coef_cat) * (tl.exp(z_img - lse_img[:, None]) - onehot)
-        dz_txt = (g * coef_cat) * (tl.exp(z_txt - lse_txt[:, None]) - onehot)
+        n_itm = tl.exp(z_itm - lse_itm[:, None]) - onehot
+        n_img = tl.exp(acc_img + bias[None, :] - lse_img[:, None]) - onehot
+        n_txt = tl.exp(acc_txt + bias[None, :] - lse_txt[:, None]) - onehot
         offs = rows64[:, None] * C + cols64[None, :]
         plane = B * C
-        tl.store(dz_ptr + offs, dz_itm, mask=tile_mask)
-        tl.store(dz_ptr + plane + offs, dz_img, mask=tile_mask)
-        tl.store(dz_ptr + 2 * plane + offs, dz_txt, mask=tile_mask)
-        tl.store(dz_ptr + 3 * plane + offs, dz_itm * z_itm, mask=tile_mask)
+        tl.store(n_ptr + offs, n_itm.to(n_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(n_ptr + plane + offs, n_img.to(n_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(n_ptr + 2 * plane + offs, n_txt.to(n_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(nz_ptr + offs, n_itm * z_itm, mask=tile_mask)
 
     @triton.jit
     def _row_grad_kernel(
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, gamma_t_ptr, w_ptr,
-        scale_ptr, scale_value, inv_norm_img_ptr, inv_norm_txt_ptr, dz_ptr,
+        scale_ptr, scale_value, grad_loss_ptr, coef_itm, coef_cat,
+        inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr,
         d_img_ptr, d_txt_ptr, dg_txt_ptr, part_ptr,
         B, C, D,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, PRECISION: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Reductions over classes for a block of rows and a slice of features.
 
-        d f_I = gamma_I (dz_img W) + ITM part; dg_txt [B, D] fp32 = gamma_T (dz_txt W) (the CAT
-        gradient of each text row, before scattering to its label); per-tile partial sums
-        part [4, row blocks, D] = dgamma_I, dbeta_I, dgamma_T, dbeta_T. For per-row text also
-        d f_T [B, C, D] in full (ITM part everywhere, plus the CAT part at column y).
+        d f_I = gamma_I (dz_img W) + ITM part; dg_txt [B, D] fp32 = gamma_T (n_txt W), the CAT
+        gradient of each text row before its weight, for the class kernel to scatter to labels;
+        partial sums part [4, row blocks, D] = dgamma_I, dbeta_I, dgamma_T, dbeta_T. For per-row
+        text also d f_T [B, C, D] in full (ITM part everywhere, plus the CAT part at column y).
         """
         pid_b = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -322,6 +324,9 @@ if HAS_TRITON:
         rk_mask = row_ok[:, None] & k_ok[None, :]
         y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+        g = tl.load(grad_loss_ptr).to(tl.float32)
+        a_itm = g * coef_itm
+        a_cat = g * coef_cat
         f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
         inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
         u = f_i * inv_ni[:, None]
@@ -329,48 +334,50 @@ if HAS_TRITON:
         acc_gi = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         acc_gt = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-        dzz_rowsum = tl.zeros([BLOCK_B], dtype=tl.float32)
+        nz_rowsum = tl.zeros([BLOCK_B], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_ok = cols < C
             cols64 = cols.to(tl.int64)
             tile_mask = row_ok[:, None] & col_ok[None, :]
             offs = rows64[:, None] * C + cols64[None, :]
-            dz_itm = tl.load(dz_ptr + offs, mask=tile_mask, other=0.0)
-            dz_img = tl.load(dz_ptr + plane + offs, mask=tile_mask, other=0.0)
-            dz_txt = tl.load(dz_ptr + 2 * plane + offs, mask=tile_mask, other=0.0)
-            dzz = tl.load(dz_ptr + 3 * plane + offs, mask=tile_mask, other=0.0)
+            n_itm = tl.load(n_ptr + offs, mask=tile_mask, other=0.0)
+            n_img = tl.load(n_ptr + plane + offs, mask=tile_mask, other=0.0).to(DOT)
+            n_txt = tl.load(n_ptr + 2 * plane + offs, mask=tile_mask, other=0.0).to(DOT)
+            nz_rowsum += tl.sum(tl.load(nz_ptr + offs, mask=tile_mask, other=0.0), axis=1)
             ck_mask = col_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
-            acc_gi += tl.dot(dz_img, w, input_precision=PRECISION)
-            acc_gt += tl.dot(dz_txt, w, input_precision=PRECISION)
-            dzz_rowsum += tl.sum(dzz, axis=1)
+            w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(DOT)
+            acc_gi += tl.dot(n_img, w, input_precision=PRECISION)
+            acc_gt += tl.dot(n_txt, w, input_precision=PRECISION)
             if PER_ROW_TEXT:
                 inv_nt = tl.load(inv_norm_txt_ptr + offs, mask=tile_mask, other=0.0)
                 f_t = tl.load(
                     txt_ptr + offs[:, :, None] * D + ks[None, None, :],
                     mask=tile_mask[:, :, None] & k_ok[None, None, :], other=0.0,
                 ).to(tl.float32)
-                dz_scaled = dz_itm * (s * inv_nt)
-                acc_u += tl.sum(dz_scaled[:, :, None] * f_t, axis=1)
-                # ITM gradient of each text vector: s dz / |t| (u - cos v), v = t / |t|.
+                n_scaled = n_itm.to(tl.float32) * inv_nt
+                acc_u += tl.sum(n_scaled[:, :, None] * f_t, axis=1)
+                # ITM gradient of each text vector: a s n / |t| (u - cos v), v = t / |t|.
+                nz = tl.load(nz_ptr + offs, mask=tile_mask, other=0.0)
                 proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
-                d_t = dz_scaled[:, :, None] * u[:, None, :] - (dzz * inv_nt * inv_nt * proj_t)[:, :, None] * f_t
+                d_t = a_itm * ((s * n_scaled)[:, :, None] * u[:, None, :] - (nz * inv_nt * inv_nt * proj_t)[:, :, None] * f_t)
                 # The label's column also gets the CAT part, known only after the loop: written there.
                 not_label = cols64[None, :] != y[:, None]
                 tl.store(
-                    d_txt_ptr + offs[:, :, None] * D + ks[None, None, :], d_t,
+                    d_txt_ptr + offs[:, :, None] * D + ks[None, None, :], d_t.to(d_txt_ptr.dtype.element_ty),
                     mask=(tile_mask & not_label)[:, :, None] & k_ok[None, None, :],
                 )
             else:
                 inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
                 f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
-                acc_u += tl.dot(dz_itm * (s * inv_nt)[None, :], f_t, input_precision=PRECISION)
+                # Unit text vectors as the operand: bounded, whatever the feature norms.
+                v = (f_t * inv_nt[:, None]).to(DOT)
+                acc_u += tl.dot(n_itm.to(DOT), v, input_precision=PRECISION)
         gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        # Projection onto the tangent of the sphere: du - (du . u) u, with du . u = sum_c dz z.
+        # ITM: du = a s sum_c n v_c; the tangent projection du - (du . u) u, du . u = a sum_c n z.
         proj_i = tl.where(inv_ni < 1.0 / NORM_EPS, 1.0, 0.0)
-        d_i = gamma_i[None, :] * acc_gi + (acc_u - (dzz_rowsum * proj_i)[:, None] * u) * inv_ni[:, None]
+        d_i = a_cat * gamma_i[None, :] * acc_gi + a_itm * (s * acc_u - (nz_rowsum * proj_i)[:, None] * u) * inv_ni[:, None]
         tl.store(d_img_ptr + rows64[:, None] * D + ks[None, :], d_i.to(d_img_ptr.dtype.element_ty), mask=rk_mask)
         dg_t = gamma_t[None, :] * acc_gt
         if PER_ROW_TEXT:
@@ -380,29 +387,30 @@ if HAS_TRITON:
         f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
         if PER_ROW_TEXT:
             label_offs = rows64 * C + y
-            dz_y = tl.load(dz_ptr + label_offs, mask=row_ok, other=0.0)
-            dzz_y = tl.load(dz_ptr + 3 * plane + label_offs, mask=row_ok, other=0.0)
+            n_y = tl.load(n_ptr + label_offs, mask=row_ok, other=0.0).to(tl.float32)
+            nz_y = tl.load(nz_ptr + label_offs, mask=row_ok, other=0.0)
             inv_nt_y = tl.load(inv_norm_txt_ptr + label_offs, mask=row_ok, other=0.0)
             proj_y = tl.where(inv_nt_y < 1.0 / NORM_EPS, 1.0, 0.0)
-            d_t_y = (s * dz_y * inv_nt_y)[:, None] * u - (dzz_y * inv_nt_y * inv_nt_y * proj_y)[:, None] * f_tt + dg_t
+            d_t_y = a_itm * ((s * n_y * inv_nt_y)[:, None] * u - (nz_y * inv_nt_y * inv_nt_y * proj_y)[:, None] * f_tt) + a_cat * dg_t
             tl.store(d_txt_ptr + true_txt_row[:, None] + ks[None, :], d_t_y.to(d_txt_ptr.dtype.element_ty), mask=rk_mask)
         else:
             tl.store(dg_txt_ptr + rows64[:, None] * D + ks[None, :], dg_t, mask=rk_mask)
         n_row_blocks = tl.num_programs(0)
         part_row = pid_b * D + ks
         part_plane = n_row_blocks * D
-        tl.store(part_ptr + part_row, tl.sum(acc_gi * f_i, axis=0), mask=k_ok)
-        tl.store(part_ptr + part_plane + part_row, tl.sum(acc_gi, axis=0), mask=k_ok)
-        tl.store(part_ptr + 2 * part_plane + part_row, tl.sum(acc_gt * f_tt, axis=0), mask=k_ok)
-        tl.store(part_ptr + 3 * part_plane + part_row, tl.sum(acc_gt, axis=0), mask=k_ok)
+        tl.store(part_ptr + part_row, a_cat * tl.sum(acc_gi * f_i, axis=0), mask=k_ok)
+        tl.store(part_ptr + part_plane + part_row, a_cat * tl.sum(acc_gi, axis=0), mask=k_ok)
+        tl.store(part_ptr + 2 * part_plane + part_row, a_cat * tl.sum(acc_gt * f_tt, axis=0), mask=k_ok)
+        tl.store(part_ptr + 3 * part_plane + part_row, a_cat * tl.sum(acc_gt, axis=0), mask=k_ok)
 
     @triton.jit
     def _class_grad_kernel(
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr,
-        scale_ptr, scale_value, inv_norm_img_ptr, inv_norm_txt_ptr, dz_ptr, dg_txt_ptr,
+        scale_ptr, scale_value, grad_loss_ptr, coef_itm, coef_cat,
+        inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr, dg_txt_ptr,
         dw_part_ptr, db_part_ptr, d_txt_part_ptr,
         B, C, D, rows_per_split,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, PRECISION: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Reductions over the rows of one split for a block of classes and a slice of features.
@@ -418,6 +426,9 @@ if HAS_TRITON:
         ks = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         k_ok = ks < D
         s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+        g = tl.load(grad_loss_ptr).to(tl.float32)
+        a_itm = g * coef_itm
+        a_cat = g * coef_cat
         gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
@@ -427,7 +438,7 @@ if HAS_TRITON:
         acc_v = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
         acc_scatter = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        dzz_colsum = tl.zeros([BLOCK_C], dtype=tl.float32)
+        nz_colsum = tl.zeros([BLOCK_C], dtype=tl.float32)
         row_start = split * rows_per_split
         row_end = tl.minimum(row_start + rows_per_split, B)
         for r0 in range(row_start, row_end, BLOCK_B):
@@ -437,8 +448,8 @@ if HAS_TRITON:
             y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
             tile_mask = row_ok[:, None] & col_ok[None, :]
             offs = rows64[:, None] * C + cols64[None, :]
-            dz_img = tl.load(dz_ptr + plane + offs, mask=tile_mask, other=0.0)
-            dz_txt = tl.load(dz_ptr + 2 * plane + offs, mask=tile_mask, other=0.0)
+            n_img = tl.load(n_ptr + plane + offs, mask=tile_mask, other=0.0)
+            n_txt = tl.load(n_ptr + 2 * plane + offs, mask=tile_mask, other=0.0)
             rk_mask = row_ok[:, None] & k_ok[None, :]
             f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
             if PER_ROW_TEXT:
@@ -446,39 +457,41 @@ if HAS_TRITON:
             else:
                 true_txt_row = y * D
             f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
-            g_i = tl.where(rk_mask, f_i * gamma_i[None, :] + beta_i[None, :], 0.0)
-            g_t = tl.where(rk_mask, f_tt * gamma_t[None, :] + beta_t[None, :], 0.0)
-            acc_w += tl.dot(tl.trans(dz_img), g_i, input_precision=PRECISION)
-            acc_w += tl.dot(tl.trans(dz_txt), g_t, input_precision=PRECISION)
-            acc_b += tl.sum(dz_img + dz_txt, axis=0)
+            g_i = tl.where(rk_mask, f_i * gamma_i[None, :] + beta_i[None, :], 0.0).to(DOT)
+            g_t = tl.where(rk_mask, f_tt * gamma_t[None, :] + beta_t[None, :], 0.0).to(DOT)
+            acc_w += tl.dot(tl.trans(n_img.to(DOT)), g_i, input_precision=PRECISION)
+            acc_w += tl.dot(tl.trans(n_txt.to(DOT)), g_t, input_precision=PRECISION)
+            acc_b += tl.sum(n_img.to(tl.float32) + n_txt.to(tl.float32), axis=0)
             if not PER_ROW_TEXT:
-                dz_itm = tl.load(dz_ptr + offs, mask=tile_mask, other=0.0)
-                dzz = tl.load(dz_ptr + 3 * plane + offs, mask=tile_mask, other=0.0)
+                n_itm = tl.load(n_ptr + offs, mask=tile_mask, other=0.0).to(DOT)
                 inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
-                acc_v += tl.dot(tl.trans(dz_itm * (s * inv_ni)[:, None]), f_i, input_precision=PRECISION)
-                dzz_colsum += tl.sum(dzz, axis=0)
+                # Unit image vectors as the operand (bounded).
+                u = (f_i * inv_ni[:, None]).to(DOT)
+                acc_v += tl.dot(tl.trans(n_itm), u, input_precision=PRECISION)
+                nz_colsum += tl.sum(tl.load(nz_ptr + offs, mask=tile_mask, other=0.0), axis=0)
                 # Scatter-add of the CAT text-row gradients to their labels, as a one-hot product.
-                onehot = tl.where(tile_mask & (cols64[None, :] == y[:, None]), 1.0, 0.0)
-                dg_t = tl.load(dg_txt_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0)
+                onehot = tl.where(tile_mask & (cols64[None, :] == y[:, None]), 1.0, 0.0).to(DOT)
+                dg_t = tl.load(dg_txt_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(DOT)
                 acc_scatter += tl.dot(tl.trans(onehot), dg_t, input_precision=PRECISION)
         ck_mask = col_ok[:, None] & k_ok[None, :]
         part_offs = (split * C + cols64[:, None]) * D + ks[None, :]
-        tl.store(dw_part_ptr + part_offs, acc_w, mask=ck_mask)
-        tl.store(db_part_ptr + split * C + cols64, acc_b, mask=col_ok & (pid_d == 0))
+        tl.store(dw_part_ptr + part_offs, a_cat * acc_w, mask=ck_mask)
+        tl.store(db_part_ptr + split * C + cols64, a_cat * acc_b, mask=col_ok & (pid_d == 0))
         if not PER_ROW_TEXT:
             inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
             f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
             proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
-            # dv - (dv . v) v over |t|, dv . v = sum_b dz z; linear in the rows, so split partials add up.
-            d_t = (acc_v - (dzz_colsum * inv_nt * proj_t)[:, None] * f_t) * inv_nt[:, None] + acc_scatter
+            # ITM: dv = a s sum_b n u_b; (dv - (dv . v) v) / |t| with dv . v = a sum_b n z. All of it
+            # is linear in the rows, so the split partials add up.
+            d_t = a_itm * (s * acc_v - (nz_colsum * inv_nt * proj_t)[:, None] * f_t) * inv_nt[:, None] + a_cat * acc_scatter
             tl.store(d_txt_part_ptr + part_offs, d_t, mask=ck_mask)
 
     @triton.jit
     def _logits_kernel(
         img_ptr, txt_ptr, gamma_i_ptr, beta_i_ptr, w_ptr, bias_ptr, scale_ptr, scale_value, out_ptr,
         B, C, D, w_itm, w_cat,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, FUSE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, FUSE: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out [B, C] fp32 = w_itm z_ITM + w_cat z_CAT(g_I) (FUSE), or z_CAT alone."""
         pid_b = tl.program_id(0)
@@ -499,24 +512,27 @@ if HAS_TRITON:
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             k_ok = ks < D
-            f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            f_i32 = f_i.to(tl.float32)
             gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc_cat += tl.dot(f_i * gamma_i[None, :] + beta_i[None, :], tl.trans(w), input_precision=PRECISION)
+            w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            g_i = (f_i32 * gamma_i[None, :] + beta_i[None, :]).to(DOT)
+            acc_cat += tl.dot(g_i, tl.trans(w.to(DOT)), input_precision=PRECISION)
             if FUSE:
-                ssq_i += tl.sum(f_i * f_i, axis=1)
+                ssq_i += tl.sum(f_i32 * f_i32, axis=1)
                 if PER_ROW_TEXT:
                     f_t = tl.load(
                         txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
                         mask=row_ok[:, None, None] & col_ok[None, :, None] & k_ok[None, None, :], other=0.0,
                     ).to(tl.float32)
-                    raw_itm += tl.sum(f_i[:, None, :] * f_t, axis=2)
+                    raw_itm += tl.sum(f_i32[:, None, :] * f_t, axis=2)
                     ssq_t += tl.sum(f_t * f_t, axis=2)
                 else:
-                    f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                    raw_itm += tl.dot(f_i, tl.trans(f_t), input_precision=PRECISION)
-                    ssq_t += tl.sum(f_t * f_t, axis=1)
+                    f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                    raw_itm += tl.dot(f_i.to(DOT), tl.trans(f_t.to(DOT)), input_precision=PRECISION)
+                    f_t32 = f_t.to(tl.float32)
+                    ssq_t += tl.sum(f_t32 * f_t32, axis=1)
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         out = acc_cat + bias[None, :]
         if FUSE:
@@ -535,8 +551,16 @@ if HAS_TRITON:
 # Launchers (plain tensors in, plain tensors out). Inputs are made contiguous by the op bodies.
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_types(dtype: torch.dtype):
+    """(Triton operand dtype, torch dtype of the stored logit gradients, input_precision) for the
+    dots, from the features' dtype. fp32 runs exact fp32 ("ieee") dots; fp16/bf16 run native
+    half-precision dots with fp32 accumulation, except bf16 under the interpreter, whose bf16 dot
+    is wrong (STACK.md): there it computes in fp32."""
+    if dtype == torch.float16:
+        return tl.float16, torch.float16, "ieee"
+    if dtype == torch.bfloat16 and not triton_interpreter_enabled():
+        return tl.bfloat16, torch.bfloat16, "ieee"
+    return tl.float32, torch.float32, "ieee"
 
 
 def _scale_args(scale_t: Optional[torch.Tensor], scale_f: float):
@@ -549,21 +573,23 @@ def _launch_loss_forward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t,
     b, d = f_i.shape
     c = w.shape[0]
     per_row = f_t.ndim == 3
-    blocks = _pick_blocks(b, c, d, per_row, f_i.device)
+    blocks = _pick_blocks(b, c, d, per_row, f_i.device, f_i.dtype)
     dev = f_i.device
     loss_rows = torch.empty(b, device=dev, dtype=torch.float32)
     lse = torch.empty(3, b, device=dev, dtype=torch.float32)
     inv_norm_img = torch.empty(b, device=dev, dtype=torch.float32)
     inv_norm_txt = torch.empty((b, c) if per_row else (c,), device=dev, dtype=torch.float32)
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
+    dot, _, precision = _dot_types(f_i.dtype)
     grid = (triton.cdiv(b, blocks.rows),)
     _loss_fwd_kernel[grid](
         f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
         scale_ptr, scale_value, (1.0 - lam) / b, lam / (2.0 * b),
         loss_rows, lse, inv_norm_img, inv_norm_txt,
         b, c, d,
-        PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, PRECISION=_precision(f_i.dtype),
-        BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features, num_warps=blocks.num_warps,
+        PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
+        BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     # Deterministic second pass over the B per-row terms.
     return loss_rows.sum(), lse, inv_norm_img, inv_norm_txt
@@ -574,28 +600,30 @@ def _launch_loss_backward(grad, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, s
     c = w.shape[0]
     per_row = f_t.ndim == 3
     dev = f_i.device
-    blocks = _pick_blocks(b, c, d, per_row, dev)
+    blocks = _pick_blocks(b, c, d, per_row, dev, f_i.dtype)
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
-    precision = _precision(f_i.dtype)
-    common = dict(PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, PRECISION=precision, num_warps=blocks.num_warps,
-                  BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features)
+    dot, n_dtype, precision = _dot_types(f_i.dtype)
+    common = dict(PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
+                  BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features,
+                  num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     grad = grad.reshape(()).to(device=dev, dtype=torch.float32)
+    coef_itm, coef_cat = (1.0 - lam) / b, lam / (2.0 * b)
 
-    dz = torch.empty(4, b, c, device=dev, dtype=torch.float32)
+    n = torch.empty(3, b, c, device=dev, dtype=n_dtype)
+    nz = torch.empty(b, c, device=dev, dtype=torch.float32)
     row_blocks = triton.cdiv(b, blocks.rows)
     _logit_grad_kernel[(row_blocks, triton.cdiv(c, blocks.classes))](
         f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
-        scale_ptr, scale_value, grad, (1.0 - lam) / b, lam / (2.0 * b),
-        lse, inv_ni, inv_nt, dz, b, c, d, **common,
+        scale_ptr, scale_value, lse, inv_ni, inv_nt, n, nz, b, c, d, **common,
     )
 
     d_img = torch.empty_like(f_i)
     d_txt = torch.empty_like(f_t) if per_row else None
-    dg_txt = torch.empty(b, d, device=dev, dtype=torch.float32) if not per_row else dz  # unused when per-row
+    dg_txt = torch.empty(b, d, device=dev, dtype=torch.float32) if not per_row else nz  # unused when per-row
     vec_parts = torch.empty(4, row_blocks, d, device=dev, dtype=torch.float32)
     _row_grad_kernel[(row_blocks, triton.cdiv(d, blocks.features))](
-        f_i, f_t, labels, g_i, g_t, w, scale_ptr, scale_value, inv_ni, inv_nt, dz,
-        d_img, d_txt if per_row else d_img, dg_txt, vec_parts, b, c, d, **common,
+        f_i, f_t, labels, g_i, g_t, w, scale_ptr, scale_value, grad, coef_itm, coef_cat,
+        inv_ni, inv_nt, n, nz, d_img, d_txt if per_row else d_img, dg_txt, vec_parts, b, c, d, **common,
     )
 
     splits = _row_splits(blocks, b, c, d, dev)
@@ -606,8 +634,8 @@ def _launch_loss_backward(grad, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, s
     db_part = torch.empty(splits, c, device=dev, dtype=torch.float32)
     d_txt_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32) if not per_row else dw_part
     _class_grad_kernel[(triton.cdiv(c, blocks.classes), triton.cdiv(d, blocks.features), splits)](
-        f_i, f_t, labels, g_i, b_i, g_t, b_t, scale_ptr, scale_value, inv_ni, inv_nt, dz, dg_txt,
-        dw_part, db_part, d_txt_part, b, c, d, rows_per_split, **common,
+        f_i, f_t, labels, g_i, b_i, g_t, b_t, scale_ptr, scale_value, grad, coef_itm, coef_cat,
+        inv_ni, inv_nt, n, nz, dg_txt, dw_part, db_part, d_txt_part, b, c, d, rows_per_split, **common,
     )
 
     # Second pass of the split-K reductions: fixed order, so deterministic.
@@ -616,25 +644,23 @@ def _launch_loss_backward(grad, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, s
     d_b = db_part.sum(dim=0).to(bias.dtype)
     if not per_row:
         d_txt = d_txt_part.sum(dim=0).to(f_t.dtype)
-    return (
-        d_img, d_txt,
-        *vec,
-        d_w, d_b,
-    )
+    return (d_img, d_txt, *vec, d_w, d_b)
 
 
 def _launch_logits(f_i, f_t, g_i, b_i, w, bias, scale_t, scale_f, lam, fuse):
     b, d = f_i.shape
     c = w.shape[0]
     per_row = f_t.ndim == 3
-    blocks = _pick_blocks(b, c, d, per_row, f_i.device)
+    blocks = _pick_blocks(b, c, d, per_row, f_i.device, f_i.dtype)
     out = torch.empty(b, c, device=f_i.device, dtype=torch.float32)
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
+    dot, _, precision = _dot_types(f_i.dtype)
     grid = (triton.cdiv(b, blocks.rows), triton.cdiv(c, blocks.classes))
     _logits_kernel[grid](
         f_i, f_t, g_i, b_i, w, bias, scale_ptr, scale_value, out, b, c, d, 1.0 - lam, lam,
-        PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, FUSE=fuse, PRECISION=_precision(f_i.dtype),
-        BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features, num_warps=blocks.num_warps,
+        PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, FUSE=fuse, DOT=dot, PRECISION=precision,
+        BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     return out
 

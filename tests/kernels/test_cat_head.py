@@ -162,7 +162,7 @@ def native_dtype_loss(image_features, text_features, labels, *, gamma_img, beta_
 
 
 # Slack on top of PyTorch's own same-dtype error (relative, norm-wise).
-LOW_PRECISION_MARGIN = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LOW_PRECISION_MARGIN = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
 
 
 def assert_low_precision_rule(feats, labels, params, *, lam, dtype):

@@ -101,6 +101,9 @@ class Session:
                                        if cfg.method.name in METHOD_NAMES else {})
         device = resolve_device(cfg.train.device)
         say(f"loading CLIP {cfg.model.name} (weights: {cfg.model.pretrained or 'random init'}) on {device}")
+        # Random weights (pretrained=null) must be the same backbone in every process, or
+        # `fastprompt eval` and `--resume` would load trained prompts into a different CLIP.
+        seed_everything(0)
         clip = load_clip(cfg.model.name, cfg.model.pretrained, dtype=cfg.model.dtype, device=device)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -223,21 +226,21 @@ def run_transfer(session: Session) -> dict:
         train_split = session.few_shot(source, cfg.data.shots, seed)
         model = session.build_model(source.classnames, seed)
         train_stats = session.train_model(model, train_split.train, run_dir, seed)
+        source_acc, _ = accuracy(model, source.test, session=session, desc=f"seed {seed} {cfg.data.dataset}")
         acc = {}
-        acc[source.name], _ = accuracy(model, source.test, session=session, desc=f"seed {seed} {source.name}")
         for name, target in targets.items():
             _set_target_classes(model, target)
             acc[name], _ = accuracy(model, target.test, session=session, desc=f"seed {seed} {name}")
         model.set_classnames(source.classnames)
-        run = {"seed": seed, "accuracy": acc, "train": train_stats,
-               "target_mean": _mean([acc[n] for n in targets])}
+        run = {"seed": seed, "source": source_acc, "targets": acc, "target_mean": _mean(list(acc.values())),
+               "train": train_stats}
         _write_json(run_dir / "result.json", run)
-        session.say(f"seed {seed}: " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        session.say(f"seed {seed}: {cfg.data.dataset} {source_acc:.2f}  " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
         runs.append(run)
-    names = [source.name, *targets]
-    mean = {n: _mean([r["accuracy"][n] for r in runs]) for n in names}
-    return {**_header(session, cfg.protocol.name), "source": source.name, "targets": list(targets),
-            "runs": runs, "mean": mean, "target_mean": _mean([mean[n] for n in targets])}
+    mean_targets = {n: _mean([r["targets"][n] for r in runs]) for n in targets}
+    return {**_header(session, cfg.protocol.name), "targets": list(targets), "runs": runs,
+            "mean": {"source": _mean([r["source"] for r in runs]), "targets": mean_targets},
+            "target_mean": _mean(list(mean_targets.values()))}
 
 
 def _set_target_classes(model: nn.Module, target) -> None:

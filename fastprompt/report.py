@@ -47,12 +47,14 @@ def markdown_table(results: list[dict]) -> str:
                 out.append(f"| {r['method']} | {r['dataset']} | {_fmt(m['base'])} | {_fmt(m['new'])} | "
                            f"{_fmt(m['hm'])} | {rate:.1f} |")
         elif protocol in ("cross_dataset", "domain_generalisation"):
-            columns = list(dict.fromkeys(c for r in rows for c in [r["source"], *r["targets"]]))
-            out.append("| method | " + " | ".join(columns) + " | target mean |")
-            out.append("|---|" + "---:|" * (len(columns) + 1))
+            columns = list(dict.fromkeys(c for r in rows for c in r["targets"]))
+            out.append("| method | source | source acc. | " + " | ".join(columns) + " | target mean |")
+            out.append("|---|---|" + "---:|" * (len(columns) + 2))
             for r in rows:
-                cells = [_fmt(r["mean"][c]) if c in r["mean"] else "-" for c in columns]
-                out.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_fmt(r['target_mean'])} |")
+                targets = r["mean"]["targets"]
+                cells = [_fmt(targets[c]) if c in targets else "-" for c in columns]
+                out.append(f"| {r['method']} | {r['dataset']} | {_fmt(r['mean']['source'])} | " + " | ".join(cells)
+                           + f" | {_fmt(r['target_mean'])} |")
         elif protocol == "few_shot":
             shots = sorted({int(s) for r in rows for s in r["results"]})
             out.append("| method | dataset | " + " | ".join(f"{s}-shot" for s in shots) + " |")
@@ -73,7 +75,7 @@ def _chart_series(r: dict) -> dict[str, float]:
     if r["protocol"] == "base2new":
         return {"Base": r["mean"]["base"], "New": r["mean"]["new"], "HM": r["mean"]["hm"]}
     if r["protocol"] in ("cross_dataset", "domain_generalisation"):
-        return {k: v for k, v in r["mean"].items()}
+        return {r["dataset"]: r["mean"]["source"], **r["mean"]["targets"]}
     if r["protocol"] == "few_shot":
         return {f"{s}-shot": v["mean"] for s, v in r["results"].items()}
     return {"accuracy": r["mean"]["accuracy"]}

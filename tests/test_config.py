@@ -115,10 +115,22 @@ def test_method_options_checked_against_defaults():
         check_method_options(load_config(None, ["method.name=dept+cop"]), ["coop", "dept+coop"], defaults)
 
 
-def test_every_shipped_config_loads():
+def test_every_shipped_config_loads_and_names_real_options():
     from pathlib import Path
 
+    from fastprompt.methods import METHOD_NAMES, method_defaults
+
     configs = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
-    assert configs, "configs/ holds no YAML"
+    protocols = {p.parent.name for p in configs}
+    assert {"base2new", "cross_dataset", "domain_generalisation", "few_shot"} <= protocols
     for path in configs:
-        assert isinstance(load_config(path), Config), path
+        cfg = load_config(path)
+        assert isinstance(cfg, Config), path
+        check_method_options(cfg, METHOD_NAMES, method_defaults(cfg.method.name))
+        if path.parent.name != "configs":  # the published settings
+            assert cfg.protocol.name == path.parent.name and cfg.model.pretrained == "openai", path
+            assert (cfg.train.epochs, cfg.data.shots, cfg.data.seeds, cfg.optim.head_lr_mult) == (10, 16, [1, 2, 3], 6.5)
+            cocoop = cfg.method.name.endswith("cocoop")
+            assert (cfg.train.batch_size, cfg.optim.lr) == ((1, 0.002) if cocoop else (4, 0.0035)), path
+    trained = {p.stem for p in (Path(__file__).parents[1] / "configs" / "base2new").glob("*.yaml")}
+    assert {m.replace("+", "_") for m in METHOD_NAMES} <= trained  # every method has its config

@@ -23,5 +23,10 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
+# The README's main-job command: a complete base-to-new run (DePT + CoOp) on CPU, no network.
+DEMO_ARGS ?=
+demo: venv
+	$(PY) -m fastprompt demo $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -86,6 +86,7 @@ class DecoupledAttention(nn.Module):
         self.prompt_mix = prompt_mix
         self.causal = causal
         self.backend = backend
+        self._causal_mask_seen = None
         device = mha.in_proj_weight.device
         self.instance_theta = self._theta(instance_mix, instance_weight, device)
         self.prompt_theta = self._theta(prompt_mix, prompt_weight, device)
@@ -111,7 +112,13 @@ class DecoupledAttention(nn.Module):
             return self.causal
         if attn_mask is None:
             return bool(is_causal)
+        # open_clip passes the same mask tensor on every call: check its values once (a host sync on
+        # GPU), then trust that very object while it is unmodified (its version counter unchanged).
+        seen = self._causal_mask_seen
+        if seen is not None and seen[0] is attn_mask and seen[1] == attn_mask._version:
+            return True
         if mask_is_causal(attn_mask, n):
+            self._causal_mask_seen = (attn_mask, attn_mask._version)
             return True
         raise ValueError(
             "attn_mask: DecoupledAttention supports no mask or the causal mask (-inf above the diagonal); "

@@ -5,7 +5,7 @@ q, k, v [B, H, N, D]; tokens [prompt_start, prompt_start + num_prompts) are prom
 instances X; every row keeps two softmax states (over P keys and over X keys) and mixes
 out = (1 - w) O_X + w O_P with its row type's rule.
 
-Forward (one program per (query tile, batch*head)): ONE pass over the keys, each key block read
+Forward (one program per (batch*head, query tile)): ONE pass over the keys, each key block read
 once, in two ranges: the instance sweep over [0, hi) (prompt columns masked out) updates the
 instance state, the prompt sweep over [prompt_start, prompt_end) updates the prompt state. Under
 causal masking the sweeps stop at the tile's diagonal, except for a tile holding prompt rows that
@@ -232,9 +232,9 @@ def _forward_kernel(
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B * H). Out is contiguous [B, H, N, D]; LseP/LseX [B, H, N] float32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (B * H, cdiv(N, BLOCK_M)). Out is contiguous [B, H, N, D]; LseP/LseX [B, H, N] float32."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     tile_start = pid_m * BLOCK_M
@@ -290,8 +290,8 @@ def _backward_preprocess_kernel(
     DwRow: w (1 - w) dL/dw for `learned` rows that see both segments, else 0.
     Out and DOut share the strides stride_o*.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     tile_start = pid_m * BLOCK_M
@@ -357,9 +357,9 @@ def _backward_dkdv_kernel(
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), B * H): dK, dV of one key block (contiguous [B, H, N, D] outputs)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (B * H, cdiv(N, BLOCK_N)): dK, dV of one key block (contiguous [B, H, N, D] outputs)."""
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
@@ -441,9 +441,9 @@ def _backward_dq_kernel(
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B * H): dQ of one query tile (contiguous [B, H, N, D] output)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (B * H, cdiv(N, BLOCK_M)): dQ of one query tile (contiguous [B, H, N, D] output)."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     tile_start = pid_m * BLOCK_M
@@ -539,7 +539,8 @@ def _forward(q, k, v, instance_theta, prompt_theta, prompt_start, num_prompts, c
         return out, lse_p, lse_x
     table_x = _weight_table(instance_mode, instance_theta, instance_c, h, q.device)
     table_p = _weight_table(prompt_mode, prompt_theta, prompt_c, h, q.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
+    # Batch x heads on grid axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535).
+    grid = lambda meta: (b * h, triton.cdiv(n, meta["BLOCK_M"]))  # noqa: E731
     _forward_kernel[grid](
         q, k, v, out, lse_p, lse_x, table_x, table_p,
         *_strides(q), *_strides(k), *_strides(v),
@@ -572,14 +573,14 @@ def _backward(dout, q, k, v, out, lse_p, lse_x, instance_theta, prompt_theta, pr
     # detached behaves like exact in the forward but, like fixed, needs the split Delta terms.
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
 
-    grid_m = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
+    grid_m = lambda meta: (b * h, triton.cdiv(n, meta["BLOCK_M"]))  # noqa: E731
     _backward_preprocess_kernel[grid_m](
         q, k, v, out, dout, lse_p, lse_x, table_x, table_p,
         stat_p, stat_x, delta_p, delta_x, dw_row,
         *strides, h, n, d, prompt_start, prompt_end, scale * _LOG2E,
         BLOCK_P=_block_p(num_prompts), **common,
     )
-    grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
+    grid_n = lambda meta: (b * h, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _backward_dkdv_kernel[grid_n](
         q, k, v, dout, stat_p, stat_x, delta_p, delta_x, dk, dv,
         *strides, h, n, d, prompt_start, prompt_end, scale * _LOG2E, scale, **common,

@@ -249,7 +249,7 @@ def check_triton_device(op: str, fallback: str, **tensors: torch.Tensor) -> None
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_triton_runnable(q, *, interpreted: bool, max_head_dim: int, max_batch_heads: int = 65535) -> None:
+def check_triton_runnable(q, *, interpreted: bool, max_head_dim: int) -> None:
     """Can the Triton kernels run on q ([B, H, N, D])? Raises a ValueError saying what to use instead.
 
     `interpreted`: whether Triton was imported with TRITON_INTERPRET=1 (CPU tensors run then).
@@ -270,8 +270,3 @@ def check_triton_runnable(q, *, interpreted: bool, max_head_dim: int, max_batch_
         raise ValueError(f"q is on device {q.device}, which the Triton kernel does not support; {fallback}")
     if q.shape[3] > max_head_dim:
         raise ValueError(f"q has head dim D={q.shape[3]}; the Triton kernel supports D <= {max_head_dim}; {fallback}")
-    if q.shape[0] * q.shape[1] > max_batch_heads:
-        raise ValueError(
-            f"q has B*H = {q.shape[0] * q.shape[1]} (batch x heads) > {max_batch_heads}, the kernel's grid limit; "
-            "split the batch"
-        )

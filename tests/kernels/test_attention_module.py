@@ -104,9 +104,14 @@ def test_mask_recognition_and_refusal():
         attn(x, x.clone(), x)
     with pytest.raises(ValueError, match="key_padding_mask"):
         attn(x, x, x, key_padding_mask=torch.zeros(2, n, dtype=torch.bool, device=DEVICE))
-    want, _ = mha(x, x, x, need_weights=False, attn_mask=additive.to(DEVICE))
-    got, weights = attn(x, x, x, need_weights=False, attn_mask=additive.to(DEVICE))
+    causal = additive.to(DEVICE)
+    want, _ = mha(x, x, x, need_weights=False, attn_mask=causal)
+    got, weights = attn(x, x, x, need_weights=False, attn_mask=causal)
     assert weights is None and _rel(got, want) < 1e-5
+    # The verified mask is remembered, but an in-place change is noticed.
+    causal[:, -1] = float("-inf")
+    with pytest.raises(ValueError, match="attn_mask"):
+        attn(x, x, x, attn_mask=causal)
 
 
 def test_unsupported_modules_are_refused_or_left_alone():

@@ -425,7 +425,7 @@ def test_gpu_clip_shapes(shape, dtype, rules):
 
 @pytest.mark.gpu
 def test_gpu_large_batch_forward():
-    """The text shape with C=1000 classes as the batch (B*H = 8000 programs on the grid's y axis)."""
+    """The text shape with C=1000 classes as the batch: B*H = 8000 (batch x heads) programs per query tile."""
     q, k, v = (torch.randn(1000, 8, 77, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     kwargs = dict(prompt_start=1, num_prompts=4, causal=True, prompt_rows_see_all=True, instance_mix="fixed",
                   instance_weight=0.3)

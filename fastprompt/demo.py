@@ -54,8 +54,14 @@ def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fa
     from .evaluate import run_protocol
     from .report import markdown_table, write_report
 
+    import torch
+
     start = time.perf_counter()
     cfg = demo_config(output_dir, overrides, fast)
+    if cfg.train.device in ("cpu", "auto") and not torch.cuda.is_available():
+        # The tiny model's ops are too small to split across cores: a second thread only spins
+        # (10x slower when another process shares the CPU), and results do not depend on it.
+        torch.set_num_threads(1)
     out = Path(cfg.output_dir)
     say("fastprompt demo: base-to-new prompt tuning with DePT + CoOp, end to end on this machine\n")
     root = write_digits_imagefolder(cfg.data.root, image_size=32)

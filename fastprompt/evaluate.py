@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import atomic_write_bytes
 from .config import Config, check_method_options, config_to_dict, save_config
 from .train import RunLogger, autocast_context, fit, load_trained, resolve_device, seed_everything
@@ -55,13 +56,15 @@ def accuracy(model: nn.Module, samples: list, *, session: "Session", desc: str =
     from .data import eval_loader
 
     cfg, clip, device = session.cfg, session.clip, session.device
-    loader = eval_loader(samples, image_size=clip.image_size, mean=clip.mean, std=clip.std,
+    # Under torchrun each rank tests every world_size-th image; the counts are summed below.
+    loader = eval_loader(distributed.shard(samples), image_size=clip.image_size, mean=clip.mean, std=clip.std,
                          batch_size=cfg.train.eval_batch_size, num_workers=cfg.train.num_workers,
                          allow_corrupt=cfg.data.allow_corrupt, pin_memory=device.type == "cuda")
     model.eval()
     correct = seen = 0
     start = time.perf_counter()
-    with tqdm(total=len(samples), desc=desc, unit="img", disable=not (cfg.train.progress and sys.stderr.isatty()), leave=False,
+    show = cfg.train.progress and sys.stderr.isatty() and distributed.is_main()
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=not show, leave=False,
               dynamic_ncols=True, file=sys.stderr) as bar:
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -69,7 +72,9 @@ def accuracy(model: nn.Module, samples: list, *, session: "Session", desc: str =
                 logits = model(images).logits
             correct += int((logits.argmax(dim=-1) == labels).sum())
             seen += labels.numel()
-            bar.update(labels.numel())
+            bar.update(labels.numel() * distributed.world_size())
+    counts = distributed.all_reduce_sum(torch.tensor([correct, seen], dtype=torch.float64, device=device))
+    correct, seen = int(counts[0]), int(counts[1])
     if seen == 0:
         raise RuntimeError(f"{desc}: no readable test images")
     rate = seen / max(time.perf_counter() - start, 1e-9)
@@ -100,6 +105,8 @@ class Session:
         options = check_method_options(cfg, METHOD_NAMES, method_defaults(cfg.method.name)
                                        if cfg.method.name in METHOD_NAMES else {})
         device = resolve_device(cfg.train.device)
+        if not distributed.is_main():
+            say = _silent  # rank 0 reports for everyone
         say(f"loading CLIP {cfg.model.name} (weights: {cfg.model.pretrained or 'random init'}) on {device}")
         # Random weights (pretrained=null) must be the same backbone in every process, or
         # `fastprompt eval` and `--resume` would load trained prompts into a different CLIP.
@@ -107,7 +114,8 @@ class Session:
         clip = load_clip(cfg.model.name, cfg.model.pretrained, dtype=cfg.model.dtype, device=device)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        if distributed.is_main():
+            save_config(cfg, out / "config.yaml")
         return cls(cfg=cfg, clip=clip, device=device, out=out, method_options=options,
                    resume=resume, train=train, say=say)
 
@@ -137,6 +145,10 @@ class Session:
             meta = load_trained(model, run_dir)
             return {"loaded_checkpoint_step": meta["step"]}
         from .data import GpuAugment, TrainImageCache
+        from .checkpoint import latest_checkpoint_dir
+
+        if not self.resume and latest_checkpoint_dir(run_dir / "checkpoints") is not None:
+            self.say(f"{run_dir} holds an earlier checkpoint: training from scratch (--resume continues it)")
 
         cfg, clip = self.cfg, self.clip
         short_side = cfg.data.short_side or math.ceil(clip.image_size * 8 / 7)
@@ -161,7 +173,13 @@ class Session:
         return path
 
 
+def _silent(message: str) -> None:
+    pass
+
+
 def _write_json(path: Path, payload: dict) -> None:
+    if not distributed.is_main():
+        return
     atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
 
 

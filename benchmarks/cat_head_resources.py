@@ -33,6 +33,7 @@ DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 SCALARS_I32 = {"B", "C", "D", "rows_per_split"}
 SCALARS_F32 = {"scale_value", "coef_itm", "coef_cat", "w_itm", "w_cat"}
 FEATURE_PTRS = {"img_ptr", "txt_ptr", "d_img_ptr", "d_txt_ptr"}
+SCALARS_I32 |= {"n_row_blocks"}
 PARAM_PTRS = {"gamma_i_ptr", "beta_i_ptr", "gamma_t_ptr", "beta_t_ptr", "w_ptr", "bias_ptr"}
 
 

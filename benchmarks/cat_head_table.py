@@ -50,6 +50,7 @@ PARAM_NAMES = ("gamma_img", "beta_img", "gamma_txt", "beta_txt", "weight", "bias
 
 PEER_NOTES = {
     "triton": "fastprompt.kernels.cat_head.cat_head_loss (fused Triton; includes its one-sync value checks)",
+    "triton_nocheck": "the same with cat_head.CHECK_VALUES = False (no host sync: what a validated training loop runs)",
     "eager": "fastprompt.kernels.reference.cat_head_loss (plain PyTorch spec, fp32 compute, value checks)",
     "compile": "torch.compile(fullgraph=True) of the reference maths without data-dependent checks",
     "liger": "Liger-Kernel LigerFusedLinearCrossEntropyLoss for the CAT part + eager ITM; grads computed in forward",
@@ -111,9 +112,18 @@ def _liger_loss_factory():
     return liger_loss
 
 
+def _triton_without_value_checks(*args, **kwargs):
+    previous, cat_head.CHECK_VALUES = cat_head.CHECK_VALUES, False
+    try:
+        return cat_head.cat_head_loss(*args, **kwargs)
+    finally:
+        cat_head.CHECK_VALUES = previous
+
+
 def implementations(device: torch.device, smoke: bool):
     """name -> loss function with the reference's signature; peers that cannot run here are left out."""
-    impls = {"triton": cat_head.cat_head_loss, "eager": reference.cat_head_loss}
+    impls = {"triton": cat_head.cat_head_loss, "triton_nocheck": _triton_without_value_checks,
+             "eager": reference.cat_head_loss}
     if smoke or device.type != "cuda":
         return impls, {"compile": "skipped in smoke mode (minutes of compilation on a CPU)",
                        "liger": "needs a GPU"}
@@ -225,7 +235,7 @@ def format_table(rows) -> str:
         return "   -   " if v is None else f"{v:7.3f}"
 
     header = f"{'B':>5} {'C':>5} " + " ".join(f"{n + ' fwd/bwd/both ms':>30} {'MiB':>6}" for n in impls)
-    speed_cols = [n for n in impls if n != "triton"]
+    speed_cols = [n for n in impls if not n.startswith("triton")]
     header += "".join(f" {'x vs ' + n:>11}" for n in speed_cols)
     lines = [header, "-" * len(header)]
     for (b, c), per in by_shape.items():

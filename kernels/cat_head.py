@@ -15,10 +15,11 @@ Backward (no atomics, so bit-for-bit deterministic):
      n = softmax - onehot for the three heads [3, B, C] (dot dtype) and n_itm * z_itm [B, C] fp32.
   2. `_row_grad_kernel`    (row blocks x feature blocks, loop over C): dg = dz W and the ITM
      gradient -> d f_I (and d f_T for per-image text); per-row-block partial sums of
-     dgamma/dbeta (written [row blocks, d], summed in a second pass).
+     dgamma/dbeta (written [row blocks, d], summed in order by kernel 3).
   3. `_class_grad_kernel`  (class blocks x feature blocks x row splits, loop over the split's rows):
      dW = dz^T g, db, and for shared text [C, d] d f_T (ITM part plus the CAT rows scattered back
-     to their label through a one-hot product); split-K partials [splits, C, d] summed in a second pass.
+     to their label through a one-hot product); with several row splits, fp32 partials
+     [splits, C, d] summed in a second pass, with one split written directly in the final dtype.
 
 Dot products accumulate in fp32; their operands take the features' dtype: exact fp32 ("ieee")
 dots for fp32, native fp16/bf16 dots otherwise (bf16 under the interpreter computes in fp32: its
@@ -48,6 +49,11 @@ __all__ = ["cat_head_loss", "cat_head_logits"]
 # (A constexpr: compiled Triton kernels may read only constexpr globals.)
 NORM_EPS = tl.constexpr(1e-12) if HAS_TRITON else 1e-12
 _FALLBACK = 'head_backend="reference" (fastprompt.kernels.reference.cat_head_loss / cat_head_logits)'
+
+# The data-dependent checks (labels in [0, C), finite features, tensor logit_scale > 0) cost one
+# host sync per call, as in the reference. A training loop that has validated its data may set
+# this to False to keep the GPU queue full; shape/dtype/device checks always run.
+CHECK_VALUES = True
 
 # Tests set this to a BlockSizes to force small tiles (several C tiles, several row splits) on
 # small problems; None picks sizes from the problem and the device.
@@ -409,14 +415,18 @@ if HAS_TRITON:
         scale_ptr, scale_value, grad_loss_ptr, coef_itm, coef_cat,
         inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr, dg_txt_ptr,
         dw_part_ptr, db_part_ptr, d_txt_part_ptr,
+        vec_part_ptr, d_gamma_i_ptr, d_beta_i_ptr, d_gamma_t_ptr, d_beta_t_ptr, n_row_blocks,
         B, C, D, rows_per_split,
         PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Reductions over the rows of one split for a block of classes and a slice of features.
 
-        Writes split-K partials: dW [splits, C, D], db [splits, C] and, for shared text [C, D],
-        d f_T [splits, C, D] (ITM part plus the CAT text rows scattered to their labels)."""
+        Writes dW [splits, C, D], db [splits, C] and, for shared text [C, D], d f_T [splits, C, D]
+        (ITM part plus the CAT text rows scattered to their labels): split-K partials in fp32, or,
+        with one split, the final gradients in their own dtypes (the stores convert). The
+        programs of the first class block and split also finish dgamma/dbeta: the row kernel's
+        per-row-block partials [4, n_row_blocks, D], summed in order (deterministic)."""
         pid_c = tl.program_id(0)
         pid_d = tl.program_id(1)
         split = tl.program_id(2)
@@ -475,8 +485,24 @@ if HAS_TRITON:
                 acc_scatter += tl.dot(tl.trans(onehot), dg_t, input_precision=PRECISION)
         ck_mask = col_ok[:, None] & k_ok[None, :]
         part_offs = (split * C + cols64[:, None]) * D + ks[None, :]
-        tl.store(dw_part_ptr + part_offs, a_cat * acc_w, mask=ck_mask)
-        tl.store(db_part_ptr + split * C + cols64, a_cat * acc_b, mask=col_ok & (pid_d == 0))
+        tl.store(dw_part_ptr + part_offs, (a_cat * acc_w).to(dw_part_ptr.dtype.element_ty), mask=ck_mask)
+        tl.store(db_part_ptr + split * C + cols64, (a_cat * acc_b).to(db_part_ptr.dtype.element_ty),
+                 mask=col_ok & (pid_d == 0))
+        if (pid_c == 0) & (split == 0):
+            sum_gi = tl.zeros([BLOCK_D], dtype=tl.float32)
+            sum_bi = tl.zeros([BLOCK_D], dtype=tl.float32)
+            sum_gt = tl.zeros([BLOCK_D], dtype=tl.float32)
+            sum_bt = tl.zeros([BLOCK_D], dtype=tl.float32)
+            vec_plane = n_row_blocks * D
+            for rb in range(0, n_row_blocks):
+                sum_gi += tl.load(vec_part_ptr + rb * D + ks, mask=k_ok, other=0.0)
+                sum_bi += tl.load(vec_part_ptr + vec_plane + rb * D + ks, mask=k_ok, other=0.0)
+                sum_gt += tl.load(vec_part_ptr + 2 * vec_plane + rb * D + ks, mask=k_ok, other=0.0)
+                sum_bt += tl.load(vec_part_ptr + 3 * vec_plane + rb * D + ks, mask=k_ok, other=0.0)
+            tl.store(d_gamma_i_ptr + ks, sum_gi.to(d_gamma_i_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(d_beta_i_ptr + ks, sum_bi.to(d_beta_i_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(d_gamma_t_ptr + ks, sum_gt.to(d_gamma_t_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(d_beta_t_ptr + ks, sum_bt.to(d_beta_t_ptr.dtype.element_ty), mask=k_ok)
         if not PER_ROW_TEXT:
             inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
             f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
@@ -484,7 +510,7 @@ if HAS_TRITON:
             # ITM: dv = a s sum_b n u_b; (dv - (dv . v) v) / |t| with dv . v = a sum_b n z. All of it
             # is linear in the rows, so the split partials add up.
             d_t = a_itm * (s * acc_v - (nz_colsum * inv_nt * proj_t)[:, None] * f_t) * inv_nt[:, None] + a_cat * acc_scatter
-            tl.store(d_txt_part_ptr + part_offs, d_t, mask=ck_mask)
+            tl.store(d_txt_part_ptr + part_offs, d_t.to(d_txt_part_ptr.dtype.element_ty), mask=ck_mask)
 
     @triton.jit
     def _logits_kernel(
@@ -630,20 +656,31 @@ def _launch_loss_backward(grad, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, s
     # Whole row blocks per split, so a block never straddles two splits.
     rows_per_split = triton.cdiv(row_blocks, splits) * blocks.rows
     splits = triton.cdiv(b, rows_per_split)
-    dw_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32)
-    db_part = torch.empty(splits, c, device=dev, dtype=torch.float32)
-    d_txt_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32) if not per_row else dw_part
+    if splits == 1:
+        # One split: the kernel writes the final gradients, no second pass.
+        dw_part, db_part = torch.empty_like(w)[None], torch.empty_like(bias)[None]
+        d_txt_part = torch.empty_like(f_t)[None] if not per_row else dw_part
+    else:
+        dw_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32)
+        db_part = torch.empty(splits, c, device=dev, dtype=torch.float32)
+        d_txt_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32) if not per_row else dw_part
+    vec = [torch.empty_like(t) for t in (g_i, b_i, g_t, b_t)]
     _class_grad_kernel[(triton.cdiv(c, blocks.classes), triton.cdiv(d, blocks.features), splits)](
         f_i, f_t, labels, g_i, b_i, g_t, b_t, scale_ptr, scale_value, grad, coef_itm, coef_cat,
-        inv_ni, inv_nt, n, nz, dg_txt, dw_part, db_part, d_txt_part, b, c, d, rows_per_split, **common,
+        inv_ni, inv_nt, n, nz, dg_txt, dw_part, db_part, d_txt_part, vec_parts, *vec, row_blocks,
+        b, c, d, rows_per_split, **common,
     )
 
-    # Second pass of the split-K reductions: fixed order, so deterministic.
-    vec = [vec_parts[i].sum(dim=0).to(t.dtype) for i, t in enumerate((g_i, b_i, g_t, b_t))]
-    d_w = dw_part.sum(dim=0).to(w.dtype)
-    d_b = db_part.sum(dim=0).to(bias.dtype)
-    if not per_row:
-        d_txt = d_txt_part.sum(dim=0).to(f_t.dtype)
+    if splits == 1:
+        d_w, d_b = dw_part[0], db_part[0]
+        if not per_row:
+            d_txt = d_txt_part[0]
+    else:
+        # Second pass of the split-K reductions: fixed order, so deterministic.
+        d_w = dw_part.sum(dim=0).to(w.dtype)
+        d_b = db_part.sum(dim=0).to(bias.dtype)
+        if not per_row:
+            d_txt = d_txt_part.sum(dim=0).to(f_t.dtype)
     return (d_img, d_txt, *vec, d_w, d_b)
 
 
@@ -682,10 +719,11 @@ def _cat_head_loss_op(
     weight: torch.Tensor, bias: torch.Tensor, logit_scale: Optional[torch.Tensor], logit_scale_value: float, lam: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss [], lse [3, B], inv_norm_img [B], inv_norm_txt [C] or [B, C]); all fp32."""
-    check_cat_head_values(
-        image_features, text_features, labels, num_classes=weight.shape[0],
-        logit_scale=logit_scale if logit_scale is not None else logit_scale_value,
-    )
+    if CHECK_VALUES:
+        check_cat_head_values(
+            image_features, text_features, labels, num_classes=weight.shape[0],
+            logit_scale=logit_scale if logit_scale is not None else logit_scale_value,
+        )
     return _launch_loss_forward(
         *_contig(image_features, text_features, labels, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias),
         logit_scale, logit_scale_value, lam,
@@ -748,10 +786,11 @@ def _cat_head_logits_op(
     lam: float, fuse: bool,
 ) -> torch.Tensor:
     """Inference logits [B, C] fp32."""
-    check_cat_head_values(
-        image_features, text_features, None, num_classes=weight.shape[0],
-        logit_scale=logit_scale if logit_scale is not None else logit_scale_value,
-    )
+    if CHECK_VALUES:
+        check_cat_head_values(
+            image_features, text_features, None, num_classes=weight.shape[0],
+            logit_scale=logit_scale if logit_scale is not None else logit_scale_value,
+        )
     return _launch_logits(
         *_contig(image_features, text_features, gamma_img, beta_img, weight, bias),
         logit_scale, logit_scale_value, lam, fuse,

@@ -450,3 +450,18 @@ def test_every_kernel_compiles_for_hopper_without_large_spills():
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("_kernel") == 30  # 5 kernels x 3 dtypes x 2 text shapes
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter meets the NaN
+def test_value_checks_can_be_switched_off(monkeypatch):
+    """CHECK_VALUES=False skips only the data-dependent checks: NaN then flows into the loss."""
+    feats, labels, params = make_inputs(4, 6, 32, False, seed=4)
+    feats["image_features"][0, 0] = float("nan")
+    args = (feats["image_features"], feats["text_features"], labels)
+    monkeypatch.setattr(ch, "CHECK_VALUES", False)
+    assert torch.isnan(ch.cat_head_loss(*args, **params, logit_scale=SCALE))
+    with pytest.raises(ValueError, match="text_features must have shape"):
+        ch.cat_head_loss(args[0], args[1][:, :-1], labels, **params, logit_scale=SCALE)
+    monkeypatch.setattr(ch, "CHECK_VALUES", True)
+    with pytest.raises(ValueError, match="image_features contains NaN or inf"):
+        ch.cat_head_loss(*args, **params, logit_scale=SCALE)

@@ -61,7 +61,7 @@ FORCE_BLOCKS = None
 
 
 class BlockSizes:
-    """Tile sizes for the four kernels (every dot dimension must be >= 16)."""
+    """Tile sizes, warps and pipeline stages shared by the five kernels (every dot dimension >= 16)."""
 
     def __init__(self, rows: int, classes: int, features: int, splits: Optional[int] = None, num_warps: int = 4,
                  num_stages: int = 2):
@@ -823,7 +823,7 @@ def _split_scale(logit_scale):
     return None, float(logit_scale)
 
 
-def _check_runnable(op: str, image_features: torch.Tensor, **others) -> None:
+def _check_runnable(op: str, image_features: torch.Tensor) -> None:
     check_triton_device(f"fastprompt.kernels.cat_head.{op}", _FALLBACK, image_features=image_features)
     if image_features.dtype == torch.float64:
         raise ValueError(

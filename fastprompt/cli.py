@@ -24,8 +24,12 @@ config sections and keys (configs/*.yaml set them; override any with key.sub=val
                         fgvc_aircraft sun397 dtd eurosat ucf101 imagenet_{v2,sketch,a,r} imagefolder
   data.root             the data root in CoOp's layout (for imagefolder: the image tree itself)
   data.shots / seeds    shots per class (16) and seeds ([1, 2, 3]; each seed samples and trains)
-  data.cache_dir        few-shot split cache (default <output_dir>/splits); data.allow_corrupt
+  data.cache_dir        few-shot split cache (default <output_dir>/splits)
+  data.allow_corrupt    skip unreadable images (counted in the log) instead of stopping
+  data.short_side       decoded training-image size (default 8/7 x the model's input size)
+  data.crop_scale       random-resized-crop area range ([0.08, 1.0])
   optim.name lr momentum weight_decay head_lr_mult warmup_epochs warmup_lr scheduler grad_clip
+  optim.options.*       extra optimiser arguments (e.g. optim.name=adamw optim.options.betas=[0.9,0.99])
   train.epochs batch_size precision(fp32|bf16|fp16) compile device log_every checkpoint_every
         eval_batch_size num_workers progress
   protocol.name         base2new | cross_dataset | domain_generalisation | few_shot | train_eval
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastprompt",
         description="Fast prompt tuning of CLIP models (CoOp, CoCoOp, KgCoOp, MaPLe, DPL, DePT).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `fastprompt demo` for a complete CPU run in a few minutes; `fastprompt COMMAND --help` for details.",
+        epilog="Run `fastprompt demo` for a complete run on the CPU in under a minute; `fastprompt COMMAND --help` for details.",
     )
     parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

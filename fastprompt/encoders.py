@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastprompt.kernels import reference as ref_ops
 
@@ -281,6 +282,10 @@ class TextEncoder(_Encoder):
         self.width = self.transformer.width
         self.heads = self.blocks[0].attn.num_heads
         self.context_length = self.positional_embedding.shape[0]
+        # Defaults for forward(): the official-style baseline turns truncation off (fastprompt.official);
+        # `chunk_size` encodes at most that many prompts at a time (ImageNet-size class lists).
+        self.truncate = True
+        self.chunk_size: Optional[int] = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -312,9 +317,15 @@ class TextEncoder(_Encoder):
         num_prompts: int = 0,
         deep_prompts: LayerPrompts = None,
         attention: LayerAttention = None,
-        truncate: bool = True,
+        truncate: Optional[bool] = None,
     ) -> torch.Tensor:
-        """token_embeddings [N, L, W] (prompts already in place), pool_index [N] -> features [N, embed_dim]."""
+        """token_embeddings [N, L, W] (prompts already in place), pool_index [N] -> features [N, embed_dim].
+
+        truncate: None uses `self.truncate`. With `self.chunk_size` set, the N prompts are encoded
+        in chunks of that many rows; under autograd each chunk is checkpointed (its activations are
+        recomputed in the backward), so peak memory follows the chunk, not N. Same values.
+        """
+        truncate = self.truncate if truncate is None else truncate
         n, length, _ = token_embeddings.shape
         if length > self.context_length:
             raise ValueError(f"text has {length} tokens, the model's context length is {self.context_length}")
@@ -324,6 +335,22 @@ class TextEncoder(_Encoder):
         if truncate and self.causal and not reads_ahead and self.pool_type in ("argmax", "eos", "first"):
             keep = max(int(pool_index.max()) + 1, prompt_start + num_prompts)
             x = x[:, :keep]
+        rows = dict(prompt_start=prompt_start, num_prompts=num_prompts, deep_prompts=deep_prompts, attention=attention)
+        chunk = self.chunk_size
+        if not chunk or n <= chunk:
+            return self._encode_rows(x, pool_index, **rows)
+        parts = []
+        for i in range(0, n, chunk):
+            xs, ps = x[i : i + chunk], pool_index[i : i + chunk]
+            if torch.is_grad_enabled():  # prompts (in x, deep prompts or learned mixing weights) may train
+                parts.append(checkpoint(self._encode_rows, xs, ps, use_reentrant=False, **rows))
+            else:
+                parts.append(self._encode_rows(xs, ps, **rows))
+        return torch.cat(parts)
+
+    def _encode_rows(self, x, pool_index, *, prompt_start, num_prompts, deep_prompts, attention) -> torch.Tensor:
+        """Positional-embedded tokens [n, L, W] -> pooled, projected features [n, embed_dim]."""
+        n = x.shape[0]
         x = self._run_blocks(
             x, self.blocks, causal=self.causal, prompt_start=prompt_start, num_prompts=num_prompts,
             deep_prompts=deep_prompts, attention=attention,

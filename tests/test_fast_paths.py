@@ -1,0 +1,226 @@
+"""The exact speed-ups change nothing but speed (tiny random CLIP, fp32, CPU):
+
+* text encoded only up to the longest real prompt == the official 77-token path;
+* text encoded in checkpointed chunks == all at once (values and gradients);
+* training on image features precomputed in large batches == step-by-step image encoding;
+* accuracy from cached test-image features == streaming the images, and the cache is reused.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastprompt.clip import TINY_MODEL, load_clip
+from fastprompt.config import load_config
+from fastprompt.features import (EpochImageFeatures, backbone_fingerprint, configure_text, text_encoders,
+                                 uses_image_features)
+from fastprompt.methods import build_model
+from fastprompt.train import fit
+
+NAMES = ["cat", "sea lion", "golden retriever dog", "fire truck", "a", "hot air balloon", "tree"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return load_clip(TINY_MODEL, None)
+
+
+def _model(clip, method, names=NAMES, seed=1, **options):
+    torch.manual_seed(seed)
+    if method.endswith(("maple", "dpl")):
+        options.setdefault("depth", 3)  # the tiny model has 3 layers per tower
+    model = build_model(method, clip, names, **options)
+    # Non-trivial trainables (DePT's head starts as identity/zero, CoOp ctx small): perturb them.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _loss_and_grads(model, images, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(images, labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _assert_same(a, b, tol=2e-5):
+    (la, lossa, ga), (lb, lossb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=tol, atol=tol)
+    torch.testing.assert_close(lossa, lossb, rtol=tol, atol=tol)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["coop", "dept+kgcoop", "maple"])
+def test_truncated_text_equals_the_official_77_token_path(clip, method):
+    model = _model(clip, method)
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 6])
+    fast = _loss_and_grads(model, images, labels)
+    encoder = text_encoders(model)[0]
+    # The fast path really is shorter: the longest prompt here ends well before position 77.
+    assert int(encoder.pool_index(model.text_prompts.class_tokens.token_ids if hasattr(model, "text_prompts")
+                                  else model.base.text_prompts.class_tokens.token_ids).max()) + 1 < 30
+    configure_text(model, truncate=False)
+    assert encoder.truncate is False
+    _assert_same(fast, _loss_and_grads(model, images, labels))
+
+
+@pytest.mark.parametrize("method,options", [("coop", {}), ("dept+cocoop", {}), ("dpl", {"instance_mix": "learned"})])
+def test_chunked_text_encoding_equals_one_pass(clip, method, options):
+    model = _model(clip, method, **options)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 5])
+    whole = _loss_and_grads(model, images, labels)
+    calls = []
+    encoder = text_encoders(model)[0]
+    hook = encoder.blocks[0].ln_1.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    configure_text(model, chunk_size=3)
+    chunked = _loss_and_grads(model, images, labels)
+    hook.remove()
+    rows = len(NAMES) * (2 if "cocoop" in method else 1)
+    # Chunks of at most 3 prompts, each run twice (forward, then recomputed for the backward).
+    assert max(calls) == 3 and sum(calls) == 2 * rows
+    _assert_same(whole, chunked)
+    with torch.no_grad():  # inference: chunks without checkpointing, same features
+        torch.testing.assert_close(model(images).logits, whole[0], rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="chunk size"):
+        configure_text(model, chunk_size=0)
+
+
+class _Source:
+    """Synthetic uint8 training images of one size, as TrainImageCache holds them."""
+
+    def __init__(self, n, num_classes, size=40):
+        g = torch.Generator().manual_seed(3)
+        self.images = torch.randint(0, 256, (n, 3, size, size + 6), generator=g, dtype=torch.uint8)
+        self.labels = torch.arange(n) % num_classes
+
+    def batch(self, indices):
+        return self.images[indices], self.labels[indices]
+
+
+def _fit(clip, method, tmp_path, precompute, *, names=NAMES[:5], n=14):
+    from fastprompt.data import GpuAugment
+
+    model = _model(clip, method, names)
+    cfg = load_config(None, [f"output_dir={tmp_path}", "train.epochs=2", "train.batch_size=4", "train.precision=fp32",
+                             "train.device=cpu", "train.progress=false", "optim.lr=0.05", "optim.warmup_epochs=0",
+                             "train.feature_batch_size=8", f"train.precompute_features={precompute}"])
+    augment = GpuAugment(clip.image_size, clip.mean, clip.std)
+    batch_sizes = []
+    encode = model.encode_images
+
+    def counting_encode(images):
+        batch_sizes.append(images.shape[0])
+        return encode(images)
+
+    model.encode_images = counting_encode
+    result = fit(model, _Source(n, len(names)), augment, cfg, tmp_path, seed=1)
+    del model.encode_images
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return result, state, batch_sizes
+
+
+@pytest.mark.parametrize("method", ["coop", "dept+cocoop"])
+def test_training_on_precomputed_image_features_equals_step_by_step(clip, method, tmp_path):
+    plain, plain_state, plain_sizes = _fit(clip, method, tmp_path / "plain", False)
+    fast, fast_state, fast_sizes = _fit(clip, method, tmp_path / "fast", True)
+    # 14 images, batch 4: 3 steps per epoch; plain encodes 4 at a time, precompute 2 steps (8) then 1.
+    assert plain_sizes == [4] * 6 and fast_sizes == [8, 4] * 2
+    assert plain.steps == fast.steps == 6
+    assert fast.epoch_losses == pytest.approx(plain.epoch_losses, rel=1e-5, abs=1e-6)
+    assert plain_state.keys() == fast_state.keys()
+    for key in plain_state:
+        torch.testing.assert_close(fast_state[key], plain_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_epoch_features_draw_the_same_views_and_record_generator_states(clip):
+    from fastprompt.data import GpuAugment
+
+    model = _model(clip, "coop", NAMES[:5])
+    source, augment = _Source(12, 5), GpuAugment(clip.image_size, clip.mean, clip.std)
+    order = torch.randperm(12)
+    gen = torch.Generator().manual_seed(7)
+    feats = EpochImageFeatures(model, source, augment, order, batch_size=4, steps=3, first=1, steps_per_chunk=5,
+                               device=torch.device("cpu"), generator=gen, autocast=torch.no_grad,
+                               to_device=lambda x, d: x)
+    got = list(feats)
+    ref_gen = torch.Generator().manual_seed(7)
+    for i, (f, y) in enumerate(got, start=1):
+        images, labels = source.batch(order[i * 4 : (i + 1) * 4])
+        with torch.no_grad():
+            expected = model.encode_images(augment(images, generator=ref_gen))
+        torch.testing.assert_close(f, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(y, labels)
+        assert torch.equal(feats.generator_state_after(i), ref_gen.get_state())
+    assert len(got) == 2
+    assert uses_image_features(model) and not uses_image_features(_model(clip, "maple", NAMES[:5]))
+
+
+# ---------------------------------------------------------------------------- evaluation feature cache
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from fastprompt.data import write_digits_imagefolder
+
+    return write_digits_imagefolder(tmp_path_factory.mktemp("digits") / "data", image_size=32)
+
+
+def _session(digits, out, *extra):
+    from fastprompt.evaluate import Session
+
+    cfg = load_config(None, [f"output_dir={out}", "model.name=fastprompt-tiny", "model.pretrained=null",
+                             "data.dataset=imagefolder", f"data.root={digits}", "train.precision=fp32",
+                             "train.device=cpu", "train.num_workers=0", "train.progress=false",
+                             "train.eval_batch_size=16", "method.name=dept+coop", *extra])
+    return Session.open(cfg, say=lambda msg: None)
+
+
+def test_cached_eval_features_give_the_same_accuracy_and_are_reused(digits, tmp_path):
+    from fastprompt.data import split_base_new
+    from fastprompt.evaluate import accuracy
+
+    cached = _session(digits, tmp_path / "a")
+    plain = _session(digits, tmp_path / "b", "train.feature_cache=false")
+    base, new = split_base_new(cached.load_splits())
+    model = cached.build_model(base.classnames, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    for split in (base, new):
+        model.set_classnames(split.classnames)
+        acc_cached, _ = accuracy(model, split.test, session=cached)
+        acc_plain, _ = accuracy(model, split.test, session=plain)
+        assert acc_cached == pytest.approx(acc_plain, abs=1e-9)
+    cache = cached.feature_cache
+    assert cache.encoded == len(base.test) + len(new.test) and plain.feature_cache is None
+    # Another epoch / seed / method on the same backbone: nothing is encoded again, even from disk.
+    model.set_classnames(base.classnames)
+    accuracy(model, base.test, session=cached)
+    assert cache.encoded == len(base.test) + len(new.test)
+    again = _session(digits, tmp_path / "a")
+    other = again.build_model(base.classnames, seed=2)
+    accuracy(other, base.test, session=again)
+    assert again.feature_cache.encoded == 0 and again.feature_cache.fingerprint == cache.fingerprint
+
+
+def test_backbone_fingerprint_follows_weights_and_precision(clip):
+    fp = backbone_fingerprint(clip, "fp32")
+    assert backbone_fingerprint(clip, "fp32") == fp and backbone_fingerprint(clip, "bf16") != fp
+    torch.manual_seed(1)
+    other = load_clip(TINY_MODEL, None)  # same architecture, different random weights
+    assert backbone_fingerprint(other, "fp32") != fp

@@ -107,9 +107,13 @@ def _train(args) -> None:
     from .config import load_config
     from .evaluate import run_protocol
 
+    from . import distributed
+
     cfg = load_config(args.config, args.overrides)
+    distributed.init_from_env(cfg.train.device)
     results = run_protocol(cfg, resume=args.resume)
-    _print_summary(results, Path(cfg.output_dir))
+    if distributed.is_main():
+        _print_summary(results, Path(cfg.output_dir))
 
 
 def _eval(args) -> None:
@@ -120,8 +124,12 @@ def _eval(args) -> None:
     if not config.is_file():
         raise ConfigError(f"{args.run_dir} is not a run folder (no config.yaml); pass the output_dir of a train run")
     cfg = load_config(config, [f"output_dir={args.run_dir}", *args.overrides])
+    from . import distributed
+
+    distributed.init_from_env(cfg.train.device)
     results = run_protocol(cfg, train=False)
-    _print_summary(results, Path(cfg.output_dir))
+    if distributed.is_main():
+        _print_summary(results, Path(cfg.output_dir))
 
 
 def _report(args) -> None:
@@ -143,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
-    expected = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+    from . import distributed
+    from .train import TrainingInterrupted
+
+    # FloatingPointError: the loss diverged; the message says what to change.
+    expected = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError)
     try:
         from .data import DatasetError
 
@@ -156,12 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     except expected as exc:  # the user's input: say what is wrong, no traceback
         if args.traceback or os.environ.get("FASTPROMPT_TRACEBACK"):
             raise
-        print(f"fastprompt {args.command}: error: {exc}", file=sys.stderr)
+        where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""
+        print(f"fastprompt {args.command}: error{where}: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:  # SIGTERM/SIGINT: a checkpoint was saved first
+        if distributed.is_main():
+            print(f"\nfastprompt {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command with --resume to continue from the last checkpoint",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0
 
 

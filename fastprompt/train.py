@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint_dir,
@@ -50,6 +53,7 @@ __all__ = [
     "set_epoch_lr",
     "steps_per_epoch",
     "load_trained",
+    "TrainingInterrupted",
 ]
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,11 +83,16 @@ class TrainResult:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: '{name}' asked for, but no CUDA device is visible; use train.device=cpu")
-    return device
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: '{name}' but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return distributed.device_for(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -187,6 +196,12 @@ class RunLogger:
         self.log = logging.getLogger(f"{name}.{run_dir.resolve()}")
         self.log.setLevel(logging.INFO)
         self.log.propagate = False
+        # Under torchrun only rank 0 writes the run's files; the other ranks' loggers are silent.
+        self.enabled = distributed.is_main()
+        self.tb = None
+        if not self.enabled:
+            self.log.disabled = True
+            return
         if not self.log.handlers:
             handler = logging.FileHandler(run_dir / "train.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -203,6 +218,8 @@ class RunLogger:
         self.log.info(msg)
 
     def metrics(self, record: dict) -> None:
+        if not self.enabled:
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -305,10 +322,13 @@ def fit(
 
     optimizer = build_optimizer(model, ocfg)
     scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
-    # Compile the forward only; state_dict()/parameters stay on the original module.
-    forward = torch.compile(model) if tcfg.compile else model
+    part = distributed.local_slice(bs)  # this rank's share of each global batch (all of it in one process)
+    # DDP over the trainables only; compile the forward only; state_dict()/parameters stay on `model`.
+    wrapped = distributed.wrap_ddp(model, device)
+    forward = torch.compile(wrapped) if tcfg.compile else wrapped
 
     start_epoch, step, epoch_losses, resumed_from = 0, 0, [], 0
+    skip_batches, partial, aug_state = 0, None, None
     if resume and latest_checkpoint_dir(ckpt_root) is not None:
         ckpt = load_checkpoint(ckpt_root)
         _check_resumable(ckpt.meta["config"], config_dict, ckpt.path)
@@ -319,63 +339,105 @@ def fit(
         _restore_rng(ckpt.trainer_tensors)
         start_epoch, step = ckpt.meta["epoch"], ckpt.meta["step"]
         epoch_losses = list(ckpt.meta.get("epoch_losses", []))
+        # A checkpoint written on SIGTERM/SIGINT sits inside an epoch: skip the batches it had done.
+        skip_batches = int(ckpt.meta.get("batch_in_epoch", 0))
+        if skip_batches:
+            partial = ckpt.meta["partial_loss"]
+            aug_state = ckpt.trainer_tensors["rng.aug"]
         resumed_from = step
         logger.info(f"resumed from {ckpt.path} at epoch {start_epoch}, step {step}")
 
     logger.info(
         f"training {sum(p.numel() for p in trainable):,} parameters on {num_samples} images: "
-        f"{tcfg.epochs} epochs x {per_epoch} steps, batch {bs}, {tcfg.precision}, device {device}"
+        f"{tcfg.epochs} epochs x {per_epoch} steps, batch {bs}"
+        + (f" ({part.stop - part.start} per process x {distributed.world_size()})" if distributed.is_distributed() else "")
+        + f", {tcfg.precision}, device {device}"
     )
-    progress = _progress(tcfg.progress, total=total_steps * bs, initial=step * bs, desc=f"train seed {seed}")
+    progress = _progress(tcfg.progress and distributed.is_main(), total=total_steps * bs, initial=step * bs,
+                         desc=f"train seed {seed}")
     model.train()
     t0, images_seen = time.perf_counter(), 0
     last_path: Optional[Path] = None
-    for epoch in range(start_epoch, tcfg.epochs):
-        set_epoch_lr(optimizer, epoch, epochs=tcfg.epochs, cfg=ocfg)
-        order = torch.randperm(num_samples, generator=epoch_generator(seed, epoch, torch.device("cpu")))
-        aug_gen = epoch_generator(seed, epoch, device)
-        loss_sum = torch.zeros((), device=device)
-        for i in range(per_epoch):
-            images, labels = source.batch(order[i * bs : (i + 1) * bs])
-            images = augment(_to_device(images, device), generator=aug_gen)
-            labels = labels.to(device, non_blocking=True)
-            with autocast_context(device, tcfg.precision):
-                loss = forward(images, labels).loss
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            else:
-                loss.backward()
-            if ocfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, ocfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            step += 1
-            images_seen += bs
-            progress.update(bs)
-            if step % tcfg.log_every == 0:
-                rate = images_seen / max(time.perf_counter() - t0, 1e-9)
-                record = {"event": "train", "seed": seed, "epoch": epoch, "step": step,
-                          "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate}
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                logger.metrics(record)
-        epoch_loss = float(loss_sum) / per_epoch
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(
-                f"loss became {epoch_loss} in epoch {epoch}; try a lower optim.lr, optim.grad_clip=1.0 "
-                "or train.precision=bf16 (the last good checkpoint is kept)"
-            )
-        epoch_losses.append(epoch_loss)
-        logger.metrics({"event": "epoch", "seed": seed, "epoch": epoch, "step": step, "loss": epoch_loss,
-                        "lr": optimizer.param_groups[0]["lr"]})
-        logger.info(f"epoch {epoch + 1}/{tcfg.epochs} loss {epoch_loss:.4f} lr {optimizer.param_groups[0]['lr']:.3e}")
-        if (epoch + 1) % tcfg.checkpoint_every == 0 or epoch + 1 == tcfg.epochs:
-            last_path = _save(ckpt_root, model, optimizer, scaler, config_dict, seed, epoch + 1, step, epoch_losses)
+    save = _Saver(ckpt_root, model, optimizer, scaler, config_dict, seed)
+    with _StopSignals() as stop:
+        for epoch in range(start_epoch, tcfg.epochs):
+            set_epoch_lr(optimizer, epoch, epochs=tcfg.epochs, cfg=ocfg)
+            order = torch.randperm(num_samples, generator=epoch_generator(seed, epoch, torch.device("cpu")))
+            aug_gen = epoch_generator(seed, epoch, device)
+            # Sums of the finite losses and their count (this rank); `bad` counts non-finite losses.
+            loss_sum = torch.zeros((), device=device)
+            good, bad = torch.zeros((), device=device), torch.zeros((), device=device)
+            first = 0
+            if epoch == start_epoch and skip_batches:
+                first = skip_batches
+                aug_gen.set_state(aug_state)
+                loss_sum += partial["sum"]
+                good += partial["count"]
+            for i in range(first, per_epoch):
+                images, labels = source.batch(order[i * bs : (i + 1) * bs])
+                # Every rank augments the whole global batch (same generator, same draws as one
+                # process) and keeps its slice: cheap next to the forward, and exact.
+                images = augment(_to_device(images, device), generator=aug_gen)[part]
+                labels = labels.to(device, non_blocking=True)[part]
+                with autocast_context(device, tcfg.precision):
+                    loss = forward(images, labels).loss
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                else:
+                    loss.backward()
+                if ocfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, ocfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)  # skips the update when a gradient is inf/NaN
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                finite = torch.isfinite(loss.detach())
+                loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+                good += finite
+                bad += ~finite
+                step += 1
+                images_seen += bs
+                progress.update(bs)
+                if step % tcfg.log_every == 0:
+                    _stop_if_diverged(bad, scaler, epoch, step)
+                    step_loss = float(distributed.all_reduce_sum(loss.detach().float().clone())) / distributed.world_size()
+                    rate = images_seen / max(time.perf_counter() - t0, 1e-9)
+                    record = {"event": "train", "seed": seed, "epoch": epoch, "step": step,
+                              "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate}
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    logger.metrics(record)
+                if i + 1 < per_epoch and distributed.any_rank(stop.requested is not None):
+                    # SIGTERM/SIGINT inside an epoch: checkpoint this exact point, then leave.
+                    _stop_if_diverged(bad, scaler, epoch, step)
+                    world = distributed.world_size()
+                    partial = {"sum": float(distributed.all_reduce_sum(loss_sum.clone())) / world,
+                               "count": float(distributed.all_reduce_sum(good.clone())) / world}
+                    path = save(epoch, step, epoch_losses, batch_in_epoch=i + 1, partial_loss=partial,
+                                aug_state=aug_gen.get_state())
+                    raise TrainingInterrupted(stop.requested or signal.SIGTERM, path)
+            _stop_if_diverged(bad, scaler, epoch, step)
+            count = float(distributed.all_reduce_sum(good))
+            if count == 0:
+                raise FloatingPointError(
+                    f"every loss of epoch {epoch} was inf/NaN (all fp16 steps skipped); try train.precision=bf16, "
+                    "a lower optim.lr or optim.grad_clip=1.0 (the last good checkpoint is kept)"
+                )
+            epoch_loss = float(distributed.all_reduce_sum(loss_sum)) / count
+            skipped = int(distributed.all_reduce_sum(bad))
+            if skipped:
+                logger.info(f"epoch {epoch + 1}: {skipped} fp16 step(s) with an inf/NaN loss were skipped by the GradScaler")
+            epoch_losses.append(epoch_loss)
+            logger.metrics({"event": "epoch", "seed": seed, "epoch": epoch, "step": step, "loss": epoch_loss,
+                            "lr": optimizer.param_groups[0]["lr"], **({"skipped_steps": skipped} if skipped else {})})
+            logger.info(f"epoch {epoch + 1}/{tcfg.epochs} loss {epoch_loss:.4f} lr {optimizer.param_groups[0]['lr']:.3e}")
+            stopping = distributed.any_rank(stop.requested is not None)
+            if (epoch + 1) % tcfg.checkpoint_every == 0 or epoch + 1 == tcfg.epochs or stopping:
+                last_path = save(epoch + 1, step, epoch_losses)
+            if stopping:
+                raise TrainingInterrupted(stop.requested or signal.SIGTERM, last_path)
     progress.close()
     model.eval()
     seconds = time.perf_counter() - t0
@@ -397,21 +459,90 @@ def _to_device(images, device: torch.device):
     return [im.to(device, non_blocking=True) for im in images]
 
 
-def _save(root, model, optimizer, scaler, config_dict, seed, epoch, step, epoch_losses) -> Path:
-    optim_tensors, optim_rest = optimizer_state_to_flat(optimizer.state_dict())
-    meta = {
-        "format": "fastprompt-checkpoint-1",
-        "epoch": epoch,
-        "seed": seed,
-        "epoch_losses": epoch_losses,
-        "optimizer": optim_rest,
-        "scheduler": {"kind": config_dict["optim"]["scheduler"], "next_epoch": epoch},
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "config": config_dict,
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-    }
-    return save_checkpoint(root, step=step, model_state=model.state_dict(),
-                           trainer_tensors={**optim_tensors, **_rng_tensors()}, meta=meta)
+class _Saver:
+    """Writes the run's checkpoints: rank 0 writes, every rank waits until the files are in place."""
+
+    def __init__(self, root, model, optimizer, scaler, config_dict, seed):
+        self.root, self.model, self.optimizer, self.scaler = root, model, optimizer, scaler
+        self.config_dict, self.seed = config_dict, seed
+
+    def __call__(self, epoch: int, step: int, epoch_losses: list, *, batch_in_epoch: int = 0,
+                 partial_loss: Optional[dict] = None, aug_state: Optional[torch.Tensor] = None) -> Path:
+        # Ranks are in lock-step (DDP's all-reduce); the barrier after the write keeps any rank from
+        # finishing, or being killed with the job, before rank 0's checkpoint is complete.
+        distributed.barrier()
+        path = Path(self.root) / f"step-{step:08d}"
+        if distributed.is_main():
+            optim_tensors, optim_rest = optimizer_state_to_flat(self.optimizer.state_dict())
+            extra = {"rng.aug": aug_state} if aug_state is not None else {}
+            meta = {
+                "format": "fastprompt-checkpoint-1",
+                "epoch": epoch,  # epochs completed
+                "batch_in_epoch": batch_in_epoch,  # > 0: saved on a signal inside epoch `epoch`
+                "partial_loss": partial_loss,
+                "seed": self.seed,
+                "epoch_losses": epoch_losses,
+                "optimizer": optim_rest,
+                "scheduler": {"kind": self.config_dict["optim"]["scheduler"], "next_epoch": epoch},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "config": self.config_dict,
+                "world_size": distributed.world_size(),
+                "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+            }
+            path = save_checkpoint(self.root, step=step, model_state=self.model.state_dict(),
+                                   trainer_tensors={**optim_tensors, **_rng_tensors(), **extra}, meta=meta)
+        distributed.barrier()
+        return path
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT reached a training run; a checkpoint was written at `checkpoint` first."""
+
+    def __init__(self, signum: int, checkpoint: Optional[Path]):
+        self.signum, self.checkpoint = int(signum), checkpoint
+        name = signal.Signals(self.signum).name
+        super().__init__(f"{name} received: saved checkpoint {checkpoint}; rerun the same command with --resume "
+                         "to continue exactly where it stopped")
+
+
+class _StopSignals:
+    """While training, SIGTERM and SIGINT ask for a stop at the next step instead of killing the run.
+
+    The loop then checkpoints and raises TrainingInterrupted. A second SIGINT (Ctrl-C twice) stops
+    at once, as Ctrl-C normally does. Only the main thread may install handlers; elsewhere (a
+    training thread in a notebook) signals keep their usual meaning.
+    """
+
+    def __init__(self):
+        self.requested: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_if_diverged(bad: torch.Tensor, scaler, epoch: int, step: int) -> None:
+    """Without a GradScaler an inf/NaN loss ends the run before anything is saved from it."""
+    if scaler is not None:
+        return  # fp16: the GradScaler skips those steps and lowers its scale
+    if float(distributed.all_reduce_sum(bad.clone())) > 0:
+        raise FloatingPointError(
+            f"the training loss became inf/NaN in epoch {epoch} (by step {step}); the run stopped and the last "
+            "good checkpoint is kept. Try a lower optim.lr, optim.grad_clip=1.0, or train.precision=bf16 "
+            "instead of fp16 (with changed settings, train into a new output_dir)"
+        )
 
 
 def _progress(enabled: bool, *, total: int, initial: int, desc: str):

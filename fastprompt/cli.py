@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--fast", action="store_true", help="one seed and two epochs (for CI)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+    bench = sub.add_parser("bench", help="training throughput: fastprompt vs the official-style path",
+                           description="`bench train` measures; `bench report RESULT.json` redraws its chart.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    from .bench import build_parser as bench_train_parser
+
+    bench_train_parser(bench_sub.add_parser(
+        "train", help="images/s, step breakdown, peak memory, MFU per method/batch/classes, both styles",
+        description="Benchmark training steps of every method in fastprompt's style and the official style "
+                    "(fp16 eager, 77-token text, CPU augmentation); JSON and PNG to --out. --smoke runs in seconds on CPU."))
+    bench_report = bench_sub.add_parser("report", help="chart (PNG) and table from a bench train JSON")
+    bench_report.add_argument("result", help="a JSON written by `fastprompt bench train`")
+    bench_report.add_argument("--out", default=None, help="PNG path (default: next to the JSON)")
     return parser
 
 
@@ -140,6 +153,15 @@ def _report(args) -> None:
     print(f"wrote {md} and {chart}")
 
 
+def _bench(args) -> None:
+    from .bench import main as bench_train, report_main
+
+    if args.bench_command == "train":
+        bench_train(args=args)
+    else:
+        report_main(args.result, args.out)
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -162,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = (*expected, DatasetError)
     except ImportError:
         pass
-    handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo}[args.command]
+    handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench}[args.command]
     try:
         handler(args)
     except expected as exc:  # the user's input: say what is wrong, no traceback

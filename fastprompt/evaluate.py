@@ -28,6 +28,8 @@ from torch import nn
 from . import distributed
 from .checkpoint import atomic_write_bytes
 from .config import Config, check_method_options, config_to_dict, save_config
+from .features import (EvalFeatureCache, backbone_fingerprint, configure_text, encode_samples, features_accuracy,
+                       uses_image_features)
 from .train import RunLogger, autocast_context, fit, load_trained, resolve_device, seed_everything
 
 __all__ = [
@@ -56,6 +58,8 @@ def accuracy(model: nn.Module, samples: list, *, session: "Session", desc: str =
     from .data import eval_loader
 
     cfg, clip, device = session.cfg, session.clip, session.device
+    if cfg.train.feature_cache and uses_image_features(model) and not distributed.is_distributed():
+        return _cached_accuracy(model, samples, session=session)
     # Under torchrun each rank tests every world_size-th image; the counts are summed below.
     loader = eval_loader(distributed.shard(samples), image_size=clip.image_size, mean=clip.mean, std=clip.std,
                          batch_size=cfg.train.eval_batch_size, num_workers=cfg.train.num_workers,
@@ -81,6 +85,33 @@ def accuracy(model: nn.Module, samples: list, *, session: "Session", desc: str =
     return 100.0 * correct / seen, rate
 
 
+def _cached_accuracy(model: nn.Module, samples: list, *, session: "Session") -> tuple[float, float]:
+    """accuracy() from test-image features cached per backbone (unprompted image encoders only):
+    encoded once, then reused by every epoch, seed, method and class list (base and new)."""
+    from .data import eval_loader
+
+    cfg, clip, device = session.cfg, session.clip, session.device
+    start = time.perf_counter()
+    if session.feature_cache is None:
+        root = Path(cfg.data.cache_dir or session.out) / "features"
+        session.feature_cache = EvalFeatureCache(root, backbone_fingerprint(clip, cfg.train.precision))
+
+    def loader(indexed):
+        return eval_loader(indexed, image_size=clip.image_size, mean=clip.mean, std=clip.std,
+                           batch_size=cfg.train.eval_batch_size, num_workers=cfg.train.num_workers,
+                           allow_corrupt=cfg.data.allow_corrupt, pin_memory=device.type == "cuda")
+
+    autocast = lambda: autocast_context(device, cfg.train.precision)  # noqa: E731
+    encode = lambda missing: encode_samples(model.encode_images, missing, loader_factory=loader,  # noqa: E731
+                                            device=device, autocast=autocast)
+    features, labels = session.feature_cache.features(encode, samples)
+    if labels.numel() == 0:
+        raise RuntimeError("no readable test images")
+    acc = features_accuracy(model, features, labels, device=device, autocast=autocast,
+                            batch_size=cfg.train.eval_batch_size)
+    return acc, labels.numel() / max(time.perf_counter() - start, 1e-9)
+
+
 # --------------------------------------------------------------------------- one command's session
 
 
@@ -96,6 +127,7 @@ class Session:
     resume: bool = False
     train: bool = True  # False: load each run's checkpoint instead of training (`fastprompt eval`)
     say: Say = print
+    feature_cache: Optional[EvalFeatureCache] = None  # test-image features, made on first use
 
     @classmethod
     def open(cls, cfg: Config, *, resume: bool = False, train: bool = True, say: Say = print) -> "Session":
@@ -135,6 +167,7 @@ class Session:
 
         seed_everything(seed)  # the prompt/head initialisation depends on the seed, as in Dassl
         model = build_model(self.cfg.method.name, self.clip, list(classnames), **self.method_options)
+        configure_text(model, chunk_size=self.cfg.train.text_chunk_size)
         return model.to(self.device)
 
     def train_model(self, model: nn.Module, train_samples: list, run_dir: Path, seed: int) -> dict:

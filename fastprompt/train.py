@@ -40,6 +40,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, OptimConfig, config_to_dict
+from .features import EpochImageFeatures, uses_image_features
 
 __all__ = [
     "TrainResult",
@@ -241,7 +242,8 @@ class RunLogger:
 
 # Keys whose change would make a resumed run differ from the run it continues.
 _RESUME_IRRELEVANT = {"output_dir", "train.progress", "train.num_workers", "train.log_every",
-                      "train.device", "train.eval_batch_size", "train.checkpoint_every", "protocol.targets"}
+                      "train.device", "train.eval_batch_size", "train.checkpoint_every", "protocol.targets",
+                      "train.feature_cache"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -326,6 +328,12 @@ def fit(
     # DDP over the trainables only; compile the forward only; state_dict()/parameters stay on `model`.
     wrapped = distributed.wrap_ddp(model, device)
     forward = torch.compile(wrapped) if tcfg.compile else wrapped
+    # Unprompted image encoders (CoOp, CoCoOp, KgCoOp, +DePT): each epoch's views are encoded in large
+    # no-grad batches and the steps run forward_features (fastprompt.features; same views, same result).
+    # DDP syncs gradients through the wrapper's forward only, so distributed runs keep the plain path.
+    precompute = tcfg.precompute_features and uses_image_features(model) and not distributed.is_distributed()
+    if precompute:
+        forward = torch.compile(model.forward_features) if tcfg.compile else model.forward_features
 
     start_epoch, step, epoch_losses, resumed_from = 0, 0, [], 0
     skip_batches, partial, aug_state = 0, None, None
@@ -373,12 +381,21 @@ def fit(
                 aug_gen.set_state(aug_state)
                 loss_sum += partial["sum"]
                 good += partial["count"]
+            features = EpochImageFeatures(
+                model, source, augment, order, batch_size=bs, steps=per_epoch, first=first, part=part,
+                steps_per_chunk=max(1, tcfg.feature_batch_size // bs), device=device, generator=aug_gen,
+                autocast=lambda: autocast_context(device, tcfg.precision), to_device=_to_device,
+            ) if precompute else None
+            feature_batches = iter(features) if precompute else None
             for i in range(first, per_epoch):
-                images, labels = source.batch(order[i * bs : (i + 1) * bs])
-                # Every rank augments the whole global batch (same generator, same draws as one
-                # process) and keeps its slice: cheap next to the forward, and exact.
-                images = augment(_to_device(images, device), generator=aug_gen)[part]
-                labels = labels.to(device, non_blocking=True)[part]
+                if feature_batches is not None:
+                    images, labels = next(feature_batches)  # image features, in fact
+                else:
+                    images, labels = source.batch(order[i * bs : (i + 1) * bs])
+                    # Every rank augments the whole global batch (same generator, same draws as one
+                    # process) and keeps its slice: cheap next to the forward, and exact.
+                    images = augment(_to_device(images, device), generator=aug_gen)[part]
+                    labels = labels.to(device, non_blocking=True)[part]
                 with autocast_context(device, tcfg.precision):
                     loss = forward(images, labels).loss
                 if scaler is not None:
@@ -416,7 +433,7 @@ def fit(
                     partial = {"sum": float(distributed.all_reduce_sum(loss_sum.clone())) / world,
                                "count": float(distributed.all_reduce_sum(good.clone())) / world}
                     path = save(epoch, step, epoch_losses, batch_in_epoch=i + 1, partial_loss=partial,
-                                aug_state=aug_gen.get_state())
+                                aug_state=features.generator_state_after(i) if features else aug_gen.get_state())
                     raise TrainingInterrupted(stop.requested or signal.SIGTERM, path)
             _stop_if_diverged(bad, scaler, epoch, step)
             count = float(distributed.all_reduce_sum(good))

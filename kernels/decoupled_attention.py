@@ -75,7 +75,9 @@ def _configs(kind: str):
     if kind == "pre":
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64}, num_warps=w, num_stages=2)
                 for bm, w in ((64, 4), (128, 8))]
-    shapes = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2), (128, 128, 8, 2))
+    # 32-row tiles too: at N=77 (text) they pad to 96 rows where 64-row tiles pad to 128.
+    shapes = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2), (128, 128, 8, 2),
+              (32, 64, 4, 3), (32, 32, 2, 3))
     if kind == "dkdv":  # key block on the outer side
         shapes = ((64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]

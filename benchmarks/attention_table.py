@@ -188,7 +188,7 @@ def time_impl(fn, sets, device, smoke):
         qkv, dout = rot.next()
         fn(*qkv).backward(dout)
 
-    graphs = Rotation([(fn(*qkv), dout) for qkv, dout in sets])
+    graphs = None
 
     def backward():
         out, dout = graphs.next()
@@ -198,6 +198,8 @@ def time_impl(fn, sets, device, smoke):
     result = {}
     for mode in MODES:
         try:
+            if mode == "backward":  # graphs recorded once, inside the try: a failing peer only loses its row
+                graphs = Rotation([(fn(*qkv), dout) for qkv, dout in sets])
             if device.type == "cuda":
                 import triton.testing
 
@@ -208,6 +210,7 @@ def time_impl(fn, sets, device, smoke):
         except Exception as exc:  # a peer that cannot run a mode: say why in the JSON
             result[f"{mode}_ms"] = None
             result[f"{mode}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    graphs = None
     clear()
     return result
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command for whoever has a GPU: install carried wheels, run the GPU tests natively, run the
-# table scripts. From the repo root on the GPU machine (device tool: carry [".whl"]):
+# table scripts. First, where PyPI is reachable: `bash benchmarks/fetch_gpu_wheels.sh` (fills .whl/).
+# Then from the repo root on the GPU machine (device tool: carry [".whl"]):
 #     bash benchmarks/gpu.sh
 # Results land in benchmarks/results/ (and in $OUT when the device tool sets it); commit them here.
 # Each step says what it is; a failing test step is reported and the benchmarks still run.

@@ -72,3 +72,30 @@ def test_zero_shot_needs_no_training(tmp_path, digits_root, fast):
     results = run_protocol(cfg, say=lambda m: None)
     assert results["runs"][0]["train"] == {} and not (tmp_path / "seed1" / "checkpoints").exists()
     assert math.isfinite(results["mean"]["hm"])
+
+
+@pytest.mark.parametrize("method", ["dept+coop", "coop"])
+def test_domain_generalisation_slices_the_cat_head_to_the_target_classes(method):
+    """ImageNet-A/-R style targets: 4 of the 10 training classes, with their indices. DePT's fused
+    logits on the subset equal the full model's logits at those columns; other methods just
+    switch names."""
+    from fastprompt.clip import load_clip
+    from fastprompt.data import DatasetSplits
+    from fastprompt.evaluate import _set_target_classes
+    from fastprompt.methods import build_model
+
+    names = ["tench", "goldfish", "shark", "cock", "hen", "ostrich", "finch", "junco", "robin", "jay"]
+    torch.manual_seed(0)
+    model = build_model(method, load_clip("fastprompt-tiny", None), names).eval()
+    with torch.no_grad():  # give the CAT head non-trivial weights, as after training
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    images = torch.randn(6, 3, 32, 32)
+    rows = [1, 3, 5, 7]
+    with torch.no_grad():
+        full = model(images).logits
+        _set_target_classes(model, DatasetSplits("imagenet_a", [names[r] for r in rows], [], [], [], class_indices=rows))
+        subset = model(images).logits
+    assert subset.shape == (6, 4)
+    torch.testing.assert_close(subset, full[:, rows], rtol=1e-5, atol=1e-5)

@@ -30,10 +30,9 @@ from fastprompt.kernels import cat_head as ch  # noqa: E402
 # The one variant with no spill-free tiling found: fp32, per-row text, _row_grad_kernel, 40 bytes.
 SPILL_ALLOWANCE_BYTES = 64
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-SCALARS_I32 = {"B", "C", "D", "rows_per_split"}
+SCALARS_I32 = {"B", "C", "D", "rows_per_split", "cols_per_split", "n_row_blocks", "n_splits"}
 SCALARS_F32 = {"scale_value", "coef_itm", "coef_cat", "w_itm", "w_cat"}
 FEATURE_PTRS = {"img_ptr", "txt_ptr", "d_img_ptr", "d_txt_ptr"}
-SCALARS_I32 |= {"n_row_blocks"}
 PARAM_PTRS = {"gamma_i_ptr", "beta_i_ptr", "gamma_t_ptr", "beta_t_ptr", "w_ptr", "bias_ptr"}
 
 
@@ -81,6 +80,8 @@ def variants():
                            ch._class_grad_kernel, ch._logits_kernel):
                 constexprs = dict(common, FUSE=True) if kernel is ch._logits_kernel else common
                 yield kernel, constexprs, feat, feat, blocks
+    # The forward's log-sum-exp merge reads fp32 statistics only: one variant.
+    yield ch._lse_merge_kernel, dict(BLOCK_B=128), "fp32", "fp32", ch.BlockSizes(128, 16, 16)
 
 
 def main(argv=None) -> int:
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     print(f"{'kernel':22} {'text':7} {'dtype':5} {'tiles B/C/D':12} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem B':>7}")
     for kernel, constexprs, feat, n_dtype, blocks in variants():
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        text = "per-row" if constexprs["PER_ROW_TEXT"] else "shared"
+        text = "per-row" if constexprs.get("PER_ROW_TEXT") else "shared" if "PER_ROW_TEXT" in constexprs else "-"
         tiles = f"{blocks.rows}/{blocks.classes}/{blocks.features}"
         try:
             src = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, feat, n_dtype), constexprs=constexprs)

@@ -3,7 +3,8 @@
 Same maths and signatures as `fastprompt.kernels.reference.cat_head_loss` / `cat_head_logits`
 (see shared/design/DEPT.md). Shapes: B rows (images), C classes, d features.
 
-Forward (`_loss_fwd_kernel`, one program per block of rows, online logsumexp over C tiles):
+Forward (`_loss_fwd_kernel`, one program per block of rows and slice of classes, online
+logsumexp over the slice's C tiles; `_lse_merge_kernel` merges the slices in order):
     g_I = gamma_I f_I + beta_I,  g_T = gamma_T f_T[y] + beta_T      (text row gathered by label)
     z_img = g_I W^T + b,  z_txt = g_T W^T + b,  z_itm = s cos(f_I, f_T)
     loss = (1 - lam)/B sum CE(z_itm) + lam/(2B) sum [CE(z_img) + CE(z_txt)]
@@ -64,12 +65,16 @@ class BlockSizes:
     """Tile sizes, warps and pipeline stages shared by the five kernels (every dot dimension >= 16)."""
 
     def __init__(self, rows: int, classes: int, features: int, splits: Optional[int] = None, num_warps: int = 4,
-                 num_stages: int = 2):
+                 num_stages: int = 2, class_splits: Optional[int] = None):
         self.rows, self.classes, self.features = rows, classes, features
-        self.splits, self.num_warps, self.num_stages = splits, num_warps, num_stages
+        # splits: row slices of the backward's class-side reduction; class_splits: class slices
+        # of the forward. None: chosen from the problem and the GPU.
+        self.splits, self.class_splits = splits, class_splits
+        self.num_warps, self.num_stages = num_warps, num_stages
 
     def __repr__(self) -> str:
-        return f"BlockSizes(rows={self.rows}, classes={self.classes}, features={self.features}, splits={self.splits})"
+        return (f"BlockSizes(rows={self.rows}, classes={self.classes}, features={self.features}, "
+                f"splits={self.splits}, class_splits={self.class_splits})")
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
@@ -82,8 +87,10 @@ def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, device: torch.devic
     if device.type != "cuda":
         # The interpreter pays per operation, not per element: few large tiles run fastest.
         if per_row_text:
-            return BlockSizes(_pow2_clamp(b, 16, 32), _pow2_clamp(c, 16, 64), _pow2_clamp(d, 16, 64), splits=1)
-        return BlockSizes(_pow2_clamp(b, 16, 64), _pow2_clamp(c, 16, 128), _pow2_clamp(d, 16, 128), splits=1)
+            return BlockSizes(_pow2_clamp(b, 16, 32), _pow2_clamp(c, 16, 64), _pow2_clamp(d, 16, 64),
+                              splits=1, class_splits=1)
+        return BlockSizes(_pow2_clamp(b, 16, 64), _pow2_clamp(c, 16, 128), _pow2_clamp(d, 16, 128),
+                          splits=1, class_splits=1)
     # GPU: the largest tiles that compile for sm_90 without register spills in any of the five
     # kernels (ptxas resource usage read from Triton 3.8 cubins; not yet timed on a GPU).
     # A 3-D per-row text tile [rows, classes, features] is the heaviest; fp32 operands cost more
@@ -93,6 +100,16 @@ def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, device: torch.devic
     if dtype == torch.float32:
         return BlockSizes(16, 32, 32, num_warps=8)
     return BlockSizes(16, 64, 64, num_warps=8)
+
+
+def _class_splits(blocks: BlockSizes, row_blocks: int, c: int, device: torch.device) -> int:
+    """How many slices of the classes the forward's rows are split into (merged by log-sum-exp)."""
+    class_tiles = triton.cdiv(c, blocks.classes)
+    if blocks.class_splits is not None:
+        return max(1, min(blocks.class_splits, class_tiles))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Fill the chip twice over: at small B the rows alone give a handful of programs.
+    return max(1, min(class_tiles, triton.cdiv(2 * sms, row_blocks)))
 
 
 def _row_splits(blocks: BlockSizes, b: int, c: int, d: int, device: torch.device) -> int:
@@ -169,15 +186,20 @@ if HAS_TRITON:
     @triton.jit
     def _loss_fwd_kernel(
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr, bias_ptr,
-        scale_ptr, scale_value, coef_itm, coef_cat,
-        loss_rows_ptr, lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr,
-        B, C, D,
+        scale_ptr, scale_value, stats_ptr, inv_norm_img_ptr, inv_norm_txt_ptr,
+        B, C, D, cols_per_split,
         PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program: BLOCK_B rows against all C classes. Writes loss_rows [B], lse [3, B]
-        (itm, cat image, cat text), inv_norm_img [B] and inv_norm_txt ([C] from program 0, or [B, C])."""
+        """One program: BLOCK_B rows against one slice of the classes (cols_per_split, a multiple of
+        BLOCK_C). Writes the slice's log-sum-exp statistics stats [3 heads, 3, splits, B]
+        (running max, sum of exp below it, target logit or 0), merged by `_lse_merge_kernel`;
+        inv_norm_img [B] (first slice) and inv_norm_txt ([C] from the first row block, or [B, C])."""
         pid = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        c_begin = split * cols_per_split
+        c_end = tl.minimum(c_begin + cols_per_split, C)
         rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         rows64 = rows.to(tl.int64)
@@ -206,9 +228,9 @@ if HAS_TRITON:
         t_itm = tl.zeros([BLOCK_B], dtype=tl.float32)
         t_img = tl.zeros([BLOCK_B], dtype=tl.float32)
         t_txt = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < C
+            col_ok = cols < c_end
             cols64 = cols.to(tl.int64)
             acc_img, acc_txt, raw_itm, ssq_t = _head_logit_tiles(
                 img_ptr, txt_ptr, true_txt_row, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
@@ -241,15 +263,49 @@ if HAS_TRITON:
             new_m = tl.maximum(m_txt, tl.max(z_txt, axis=1))
             l_txt = l_txt * tl.exp(m_txt - new_m) + tl.sum(tl.exp(z_txt - new_m[:, None]), axis=1)
             m_txt = new_m
-        lse_itm = m_itm + tl.log(l_itm)
-        lse_img = m_img + tl.log(l_img)
-        lse_txt = m_txt + tl.log(l_txt)
+        stat = n_splits * B  # one (head, statistic) plane
+        base = split * B + rows
+        tl.store(stats_ptr + base, m_itm, mask=row_ok)
+        tl.store(stats_ptr + stat + base, l_itm, mask=row_ok)
+        tl.store(stats_ptr + 2 * stat + base, t_itm, mask=row_ok)
+        tl.store(stats_ptr + 3 * stat + base, m_img, mask=row_ok)
+        tl.store(stats_ptr + 4 * stat + base, l_img, mask=row_ok)
+        tl.store(stats_ptr + 5 * stat + base, t_img, mask=row_ok)
+        tl.store(stats_ptr + 6 * stat + base, m_txt, mask=row_ok)
+        tl.store(stats_ptr + 7 * stat + base, l_txt, mask=row_ok)
+        tl.store(stats_ptr + 8 * stat + base, t_txt, mask=row_ok)
+        tl.store(inv_norm_img_ptr + rows, inv_ni, mask=row_ok & (split == 0))
+
+    @triton.jit
+    def _merge_head(stats_ptr, head: tl.constexpr, rows, row_ok, B, n_splits, BLOCK_B: tl.constexpr):
+        """(log-sum-exp, target logit) of one head from its per-slice statistics, in slice order."""
+        stat = n_splits * B
+        m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        for j in range(0, n_splits):
+            m = tl.maximum(m, tl.load(stats_ptr + (3 * head) * stat + j * B + rows, mask=row_ok, other=0.0))
+        total = tl.zeros([BLOCK_B], dtype=tl.float32)
+        target = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for j in range(0, n_splits):
+            m_j = tl.load(stats_ptr + (3 * head) * stat + j * B + rows, mask=row_ok, other=0.0)
+            # Rows past B read a sum of 1: their (unstored) log stays finite.
+            l_j = tl.load(stats_ptr + (3 * head + 1) * stat + j * B + rows, mask=row_ok, other=1.0)
+            total += l_j * tl.exp(m_j - m)
+            target += tl.load(stats_ptr + (3 * head + 2) * stat + j * B + rows, mask=row_ok, other=0.0)
+        return m + tl.log(total), target
+
+    @triton.jit
+    def _lse_merge_kernel(stats_ptr, loss_rows_ptr, lse_ptr, B, n_splits, coef_itm, coef_cat, BLOCK_B: tl.constexpr):
+        """Per row: the three log-sum-exps lse [3, B] and the weighted loss term loss_rows [B]."""
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        lse_itm, t_itm = _merge_head(stats_ptr, 0, rows, row_ok, B, n_splits, BLOCK_B)
+        lse_img, t_img = _merge_head(stats_ptr, 1, rows, row_ok, B, n_splits, BLOCK_B)
+        lse_txt, t_txt = _merge_head(stats_ptr, 2, rows, row_ok, B, n_splits, BLOCK_B)
         loss_row = coef_itm * (lse_itm - t_itm) + coef_cat * ((lse_img - t_img) + (lse_txt - t_txt))
         tl.store(loss_rows_ptr + rows, loss_row, mask=row_ok)
         tl.store(lse_ptr + rows, lse_itm, mask=row_ok)
         tl.store(lse_ptr + B + rows, lse_img, mask=row_ok)
         tl.store(lse_ptr + 2 * B + rows, lse_txt, mask=row_ok)
-        tl.store(inv_norm_img_ptr + rows, inv_ni, mask=row_ok)
 
     @triton.jit
     def _logit_grad_kernel(
@@ -607,15 +663,23 @@ def _launch_loss_forward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t,
     inv_norm_txt = torch.empty((b, c) if per_row else (c,), device=dev, dtype=torch.float32)
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
     dot, _, precision = _dot_types(f_i.dtype)
-    grid = (triton.cdiv(b, blocks.rows),)
-    _loss_fwd_kernel[grid](
+    row_blocks = triton.cdiv(b, blocks.rows)
+    class_splits = _class_splits(blocks, row_blocks, c, dev)
+    # Whole class tiles per slice, so no slice is empty.
+    cols_per_split = triton.cdiv(triton.cdiv(c, blocks.classes), class_splits) * blocks.classes
+    class_splits = triton.cdiv(c, cols_per_split)
+    stats = torch.empty(9, class_splits, b, device=dev, dtype=torch.float32)
+    _loss_fwd_kernel[(row_blocks, class_splits)](
         f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
-        scale_ptr, scale_value, (1.0 - lam) / b, lam / (2.0 * b),
-        loss_rows, lse, inv_norm_img, inv_norm_txt,
-        b, c, d,
+        scale_ptr, scale_value, stats, inv_norm_img, inv_norm_txt,
+        b, c, d, cols_per_split,
         PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
         BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    merge_rows = 128
+    _lse_merge_kernel[(triton.cdiv(b, merge_rows),)](
+        stats, loss_rows, lse, b, class_splits, (1.0 - lam) / b, lam / (2.0 * b), BLOCK_B=merge_rows,
     )
     # Deterministic second pass over the B per-row terms.
     return loss_rows.sum(), lse, inv_norm_img, inv_norm_txt

@@ -111,8 +111,9 @@ def test_loss_and_gradients_match_fp64_reference(b, c, d, per_row_text, lam):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """16-wide tiles and 3 row splits: several C tiles, ragged tails in every dimension, split-K."""
-    monkeypatch.setattr(ch, "FORCE_BLOCKS", ch.BlockSizes(16, 16, 16, splits=3))
+    """16-wide tiles, 3 row splits, 2 class slices: several C tiles per slice, ragged tails in every
+    dimension, split-K in the backward, log-sum-exp merging in the forward."""
+    monkeypatch.setattr(ch, "FORCE_BLOCKS", ch.BlockSizes(16, 16, 16, splits=3, class_splits=2))
 
 
 @pytest.fixture
@@ -449,7 +450,7 @@ def test_every_kernel_compiles_for_hopper_without_large_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("_kernel") == 30  # 5 kernels x 3 dtypes x 2 text shapes
+    assert done.stdout.count("_kernel") == 31  # 5 kernels x 3 dtypes x 2 text shapes + the merge
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter meets the NaN

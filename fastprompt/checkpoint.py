@@ -11,7 +11,12 @@ Layout under a run's `checkpoints/` folder:
 A checkpoint folder is written under a temporary name, every file fsynced, then renamed into place;
 only then does `latest` move (itself written to a temp file and os.replace'd). A kill at any moment
 leaves the previous checkpoint intact and named by `latest`. Nothing is ever unpickled: tensors come
-from safetensors and everything else from JSON.
+from safetensors and everything else from JSON. state.json also carries a digest of its own content,
+so an edited step or config is refused like a damaged tensor file.
+
+Test hook: FASTPROMPT_FAULT=<point>:<n> SIGKILLs the process the n-th time a save reaches <point>
+(`tensors`: between the two tensor files, `rename`: all files written, before the folder is renamed
+into place, `latest`: renamed, before `latest` moves), so tests can kill a real run mid-write.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,29 @@ LATEST_FILE = "latest"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated or tampered with; the message names the file."""
+
+
+_fault_hits: dict[str, int] = {}
+
+
+def _fault_point(point: str) -> None:
+    spec = os.environ.get("FASTPROMPT_FAULT", "")
+    name, _, nth = spec.partition(":")
+    if name != point:
+        return
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    if _fault_hits[point] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup, no finally blocks
+
+
+def _state_digest(state: dict) -> str:
+    # Over the parsed content (canonical JSON), so the file's whitespace does not matter.
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_FIX = ("restore the folder from a backup, or delete {root} to train this run again from scratch "
+        "(other runs are unaffected)")
 
 
 @dataclass
@@ -107,13 +136,14 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    checksums = {
-        MODEL_FILE: _write_synced(tmp / MODEL_FILE, st_save(_cpu_tensors(model_state))),
-        TRAINER_FILE: _write_synced(tmp / TRAINER_FILE, st_save(_cpu_tensors(trainer_tensors))),
-    }
+    checksums = {MODEL_FILE: _write_synced(tmp / MODEL_FILE, st_save(_cpu_tensors(model_state)))}
+    _fault_point("tensors")
+    checksums[TRAINER_FILE] = _write_synced(tmp / TRAINER_FILE, st_save(_cpu_tensors(trainer_tensors)))
     state = dict(meta, step=step, sha256=checksums)
+    state["state_sha256"] = _state_digest(state)
     _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
     _fsync_dir(tmp)
+    _fault_point("rename")
     if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
         trash = root / f".{name}.old-{os.getpid()}"
         os.replace(final, trash)
@@ -122,6 +152,7 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
+    _fault_point("latest")
     atomic_write_bytes(root / LATEST_FILE, name.encode())
     _prune(root, keep=max(keep_last, 1), current=name)
     return final
@@ -145,21 +176,33 @@ def latest_checkpoint_dir(root: str | Path) -> Path | None:
         return None
     name = pointer.read_text().strip()
     path = root / name
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names '{name}', but {path} does not exist")
+    if not name.startswith("step-") or "/" in name or not path.is_dir():
+        raise CheckpointError(f"{pointer} names '{name}', but {path} does not exist or is not a checkpoint folder; "
+                              + _FIX.format(root=root))
     return path
 
 
 def _read_verified(path: Path, expected: str | None) -> bytes:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
+        raise CheckpointError(f"checkpoint file missing: {path}; " + _FIX.format(root=path.parent.parent))
     data = path.read_bytes()
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+    if not isinstance(expected, str):
+        raise CheckpointError(f"{path.parent / STATE_FILE} records no sha256 for {path.name}, so {path} cannot "
+                              "be verified; " + _FIX.format(root=path.parent.parent))
+    if hashlib.sha256(data).hexdigest() != expected:
         raise CheckpointError(
             f"checkpoint file {path} does not match the checksum recorded in {path.parent / STATE_FILE} "
-            "(truncated or modified); delete this checkpoint folder to fall back to a fresh run"
+            "(truncated or modified); " + _FIX.format(root=path.parent.parent)
         )
     return data
+
+
+def _parse_tensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error type for a malformed header
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
+                              + _FIX.format(root=path.parent.parent)) from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -172,11 +215,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"not a fastprompt checkpoint (no {STATE_FILE}): {path}")
     try:
         meta = json.loads(state_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{state_path} is not valid JSON: {exc}") from None
-    sums = meta.get("sha256", {})
-    model_state = st_load(_read_verified(path / MODEL_FILE, sums.get(MODEL_FILE)))
-    trainer_tensors = st_load(_read_verified(path / TRAINER_FILE, sums.get(TRAINER_FILE)))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{state_path} is not valid JSON ({exc}); " + _FIX.format(root=path.parent)) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict):
+        raise CheckpointError(f"{state_path} holds no checksums: not a fastprompt checkpoint, or edited; "
+                              + _FIX.format(root=path.parent))
+    if "state_sha256" in meta and meta["state_sha256"] != _state_digest(meta):
+        raise CheckpointError(f"{state_path} was modified after it was written (its digest does not match); "
+                              + _FIX.format(root=path.parent))
+    sums = meta["sha256"]
+    model_state = _parse_tensors(_read_verified(path / MODEL_FILE, sums.get(MODEL_FILE)), path / MODEL_FILE)
+    trainer_tensors = _parse_tensors(_read_verified(path / TRAINER_FILE, sums.get(TRAINER_FILE)), path / TRAINER_FILE)
     return Checkpoint(path=path, model_state=model_state, trainer_tensors=trainer_tensors, meta=meta)
 
 

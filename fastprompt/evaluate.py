@@ -146,7 +146,8 @@ class Session:
         clip = load_clip(cfg.model.name, cfg.model.pretrained, dtype=cfg.model.dtype, device=device)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if distributed.is_main():
+        # config.yaml records how the run was trained: `--resume` and `fastprompt eval` keep it as is.
+        if distributed.is_main() and ((train and not resume) or not (out / "config.yaml").exists()):
             save_config(cfg, out / "config.yaml")
         return cls(cfg=cfg, clip=clip, device=device, out=out, method_options=options,
                    resume=resume, train=train, say=say)

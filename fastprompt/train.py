@@ -396,8 +396,16 @@ def fit(
                     # process) and keeps its slice: cheap next to the forward, and exact.
                     images = augment(_to_device(images, device), generator=aug_gen)[part]
                     labels = labels.to(device, non_blocking=True)[part]
-                with autocast_context(device, tcfg.precision):
-                    loss = forward(images, labels).loss
+                try:
+                    with autocast_context(device, tcfg.precision):
+                        loss = forward(images, labels).loss
+                except (ValueError, RuntimeError) as exc:
+                    # A value check inside the model (e.g. the CAT head's finite-features check) can
+                    # be the first to see weights that diverged: report the cause, not the symptom.
+                    weights_bad = not all(bool(torch.isfinite(p).all()) for p in trainable)
+                    if weights_bad or (step > resumed_from and "NaN" in str(exc)):
+                        raise FloatingPointError(f"{_diverged_message(epoch, step)} [the model said: {exc}]") from exc
+                    raise
                 if scaler is not None:
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -555,11 +563,13 @@ def _stop_if_diverged(bad: torch.Tensor, scaler, epoch: int, step: int) -> None:
     if scaler is not None:
         return  # fp16: the GradScaler skips those steps and lowers its scale
     if float(distributed.all_reduce_sum(bad.clone())) > 0:
-        raise FloatingPointError(
-            f"the training loss became inf/NaN in epoch {epoch} (by step {step}); the run stopped and the last "
-            "good checkpoint is kept. Try a lower optim.lr, optim.grad_clip=1.0, or train.precision=bf16 "
-            "instead of fp16 (with changed settings, train into a new output_dir)"
-        )
+        raise FloatingPointError(_diverged_message(epoch, step))
+
+
+def _diverged_message(epoch: int, step: int) -> str:
+    return (f"training diverged in epoch {epoch} (by step {step}): the loss or the trained weights became inf/NaN; "
+            "the run stopped and the last good checkpoint is kept. Try a lower optim.lr, optim.grad_clip=1.0, "
+            "or train.precision=bf16 instead of fp16 (with changed settings, train into a new output_dir)")
 
 
 def _progress(enabled: bool, *, total: int, initial: int, desc: str):

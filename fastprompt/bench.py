@@ -205,13 +205,15 @@ class Stepper:
     fast: bf16 autocast over fp32 master weights, text truncated (and chunked past
       text_chunk_size prompts), augmentation on the device from decoded uint8 images; methods
       with an unprompted image encoder encode feature_batch images per no-grad batch
-      (`steps_per_cycle` steps at a time) and step on features; optional torch.compile.
+      (`steps_per_cycle` steps at a time) and step on features; optional torch.compile of the
+      encoder trunks (fastprompt.compiled), with CUDA graphs on a GPU.
     official: fastprompt.official (fp16 eager, 77 tokens, CPU PIL decode + torchvision per step).
     """
 
     def __init__(self, style: str, clip, method: str, batch: int, classes: int, *, device: torch.device,
                  feature_batch: int = 512, text_chunk_size: Optional[int] = None, compile: bool = False,
-                 num_workers: int = 0, seed: int = 0, clock: Optional[PhaseClock] = None):
+                 cuda_graphs: bool = False, num_workers: int = 0, seed: int = 0,
+                 clock: Optional[PhaseClock] = None):
         from .config import OptimConfig
         from .features import configure_text, uses_image_features
         from .train import build_optimizer
@@ -258,8 +260,11 @@ class Stepper:
             if clock is not None:
                 self.source.batch = clock.wrap(self.source.batch, "data")
                 self.augment = clock.wrap(self.augment, "data")
-            forward = self.model.forward_features if self.precompute else self.model
-            self.forward = torch.compile(forward) if compile else forward
+            if compile:
+                from .compiled import compile_encoders
+
+                compile_encoders(self.model, cuda_graphs=cuda_graphs)
+            self.forward = self.model.forward_features if self.precompute else self.model
             self._batches = self._fast_batches()
 
     def _wrap_phases(self, clock: PhaseClock) -> None:
@@ -347,7 +352,7 @@ def _timed_steps(stepper: Stepper, steps: int, device: torch.device) -> float:
 
 def bench_step(clip, method: str, batch: int, classes: int, style: str, *, device: torch.device, steps: int,
                warmup: int, feature_batch: int, text_chunk_size: Optional[int], compile: bool, num_workers: int,
-               flops: Optional[float] = None, peak_rate: Optional[float] = None) -> dict:
+               cuda_graphs: bool = False, flops: Optional[float] = None, peak_rate: Optional[float] = None) -> dict:
     """Throughput, breakdown, memory and MFU of one configuration; {'oom': True} if it does not fit."""
     record = {"method": method, "batch": batch, "classes": classes, "style": style}
     stepper = None
@@ -368,8 +373,10 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
         if style == "fast" and compile:  # a second, compiled stepper for the throughput pass
             del stepper
             _reset_memory(device)
+            torch._dynamo.reset()  # each configuration compiles afresh (and stays under dynamo's cache limit)
             stepper = Stepper(style, clip, method, batch, classes, device=device, feature_batch=feature_batch,
-                              text_chunk_size=text_chunk_size, compile=True, num_workers=num_workers)
+                              text_chunk_size=text_chunk_size, compile=True, cuda_graphs=cuda_graphs,
+                              num_workers=num_workers)
             _timed_steps(stepper, cycle * max(1, math.ceil(warmup / cycle)), device)
         elif device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -382,6 +389,7 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
             "peak_memory_bytes": _peak_memory(device), "model_flops_per_step": flops,
             "mfu": (flops / step_s / peak_rate) if flops and peak_rate else None,
             "precompute_image_features": stepper.precompute, "compile": bool(compile and style == "fast"),
+            "cuda_graphs": bool(cuda_graphs and compile and style == "fast" and device.type == "cuda"),
             "oom": False,
         })
     except RuntimeError as err:
@@ -652,7 +660,10 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--classes", nargs="+", type=int, default=None, help="class counts (default 50 500 1000)")
     p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES))
     p.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's step for the images/s pass")
+    p.add_argument("--compile", action="store_true",
+                   help="fast path: torch.compile the encoder trunks (dynamic class count) for the images/s pass")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile on a GPU: replay the compiled trunks as CUDA graphs (launch-bound steps)")
     p.add_argument("--text-chunk-size", type=int, default=None, help="fast path: prompts per text-encoder chunk")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-steps", action="store_true", help="skip the per-step grid (with --run / --max-batch)")
@@ -691,6 +702,7 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
     config = {"model": model, "pretrained": None, "mode": "smoke" if args.smoke else "full", "methods": methods,
               "batches": batches, "classes": classes, "styles": args.styles, "steps": steps, "warmup": grid["warmup"],
               "feature_batch": grid["feature_batch"], "text_chunk_size": chunk, "compile": args.compile,
+              "cuda_graphs": args.cuda_graphs,
               "num_workers": grid["num_workers"], "image_size": None, "statistic": "mean over the measured steps"}
     results = {"benchmark": "train", "environment": _environment(device, matmul), "config": config, "steps": []}
     torch.manual_seed(0)
@@ -712,7 +724,7 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
                     for style in args.styles:
                         rec = bench_step(clip_for(style), method, b, c, style, device=device, steps=steps,
                                          warmup=grid["warmup"], feature_batch=grid["feature_batch"],
-                                         text_chunk_size=chunk, compile=args.compile,
+                                         text_chunk_size=chunk, compile=args.compile, cuda_graphs=args.cuda_graphs,
                                          num_workers=grid["num_workers"], flops=flops, peak_rate=matmul["flops_per_s"])
                         flops = rec.get("model_flops_per_step", flops)
                         results["steps"].append(rec)

@@ -308,6 +308,13 @@ class TextEncoder(_Encoder):
             return torch.zeros(n, dtype=torch.long, device=token_ids.device)
         raise ValueError(f"text pool type {self.pool_type!r} is not supported")
 
+    def can_truncate(self, attention: LayerAttention = None, num_prompts: int = 0) -> bool:
+        """Can positions after the last pooled token be dropped? Yes under a causal mask, pooling at
+        or before the end of text, and no prompt row reading ahead (DPL's language conditioning)."""
+        specs = [_layer_spec(attention, i) for i in range(self.num_layers)] if attention is not None else []
+        reads_ahead = any(s is not None and s.prompt_rows_see_all for s in specs) and num_prompts > 0
+        return self.causal and not reads_ahead and self.pool_type in ("argmax", "eos", "first")
+
     def forward(
         self,
         token_embeddings: torch.Tensor,
@@ -330,9 +337,7 @@ class TextEncoder(_Encoder):
         if length > self.context_length:
             raise ValueError(f"text has {length} tokens, the model's context length is {self.context_length}")
         x = token_embeddings.to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
-        specs = [_layer_spec(attention, i) for i in range(self.num_layers)] if attention is not None else []
-        reads_ahead = any(s is not None and s.prompt_rows_see_all for s in specs) and num_prompts > 0
-        if truncate and self.causal and not reads_ahead and self.pool_type in ("argmax", "eos", "first"):
+        if truncate and self.can_truncate(attention, num_prompts):
             keep = max(int(pool_index.max()) + 1, prompt_start + num_prompts)
             x = x[:, :keep]
         rows = dict(prompt_start=prompt_start, num_prompts=num_prompts, deep_prompts=deep_prompts, attention=attention)

@@ -39,6 +39,7 @@ from .checkpoint import (
     optimizer_state_to_flat,
     save_checkpoint,
 )
+from .compiled import compile_encoders
 from .config import Config, ConfigError, OptimConfig, config_to_dict
 from .features import EpochImageFeatures, uses_image_features
 
@@ -327,13 +328,15 @@ def fit(
     part = distributed.local_slice(bs)  # this rank's share of each global batch (all of it in one process)
     # DDP over the trainables only; compile the forward only; state_dict()/parameters stay on `model`.
     wrapped = distributed.wrap_ddp(model, device)
-    forward = torch.compile(wrapped) if tcfg.compile else wrapped
+    if tcfg.compile:  # the encoders' trunks, class-dependent sizes dynamic: no recompiles base -> new
+        compile_encoders(model)
+    forward = wrapped
     # Unprompted image encoders (CoOp, CoCoOp, KgCoOp, +DePT): each epoch's views are encoded in large
     # no-grad batches and the steps run forward_features (fastprompt.features; same views, same result).
     # DDP syncs gradients through the wrapper's forward only, so distributed runs keep the plain path.
     precompute = tcfg.precompute_features and uses_image_features(model) and not distributed.is_distributed()
     if precompute:
-        forward = torch.compile(model.forward_features) if tcfg.compile else model.forward_features
+        forward = model.forward_features
 
     start_epoch, step, epoch_losses, resumed_from = 0, 0, [], 0
     skip_batches, partial, aug_state = 0, None, None

@@ -64,7 +64,7 @@ def _assert_same(a, b, tol=2e-5):
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("method", ["coop", "dept+kgcoop", "maple"])
+@pytest.mark.parametrize("method", ["coop", "dept+kgcoop", "maple", "cocoop"])
 def test_truncated_text_equals_the_official_77_token_path(clip, method):
     model = _model(clip, method)
     images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 6])
@@ -224,3 +224,32 @@ def test_backbone_fingerprint_follows_weights_and_precision(clip):
     torch.manual_seed(1)
     other = load_clip(TINY_MODEL, None)  # same architecture, different random weights
     assert backbone_fingerprint(other, "fp32") != fp
+
+
+# ---------------------------------------------------------------------------- compiled encoders
+
+
+def test_compiled_encoders_do_not_recompile_when_the_classes_change(clip):
+    from torch._dynamo.testing import CompileCounter
+
+    from fastprompt.compiled import compile_encoders
+
+    torch._dynamo.reset()
+    eager = _model(clip, "dept+coop", NAMES[:3])
+    compiled = _model(clip, "dept+coop", NAMES[:3])
+    counter = CompileCounter()  # counts the graphs dynamo compiles (a recompile adds one)
+    compile_encoders(compiled, backend=counter)
+    feats, labels = torch.randn(4, clip.embed_dim), torch.tensor([0, 1, 1, 0])
+    lists = [NAMES[:3], NAMES[2:], ["a", "very long class name with many many words in it, longer than any"]]
+    for names in lists:
+        for m in (eager, compiled):
+            m.set_classnames(names)
+        torch.testing.assert_close(compiled.forward_features(feats).logits, eager.forward_features(feats).logits)
+    out = compiled.forward_features(feats, labels)
+    out.loss.backward()
+    assert counter.frame_count == 1  # one text trunk graph for 3 class counts and 3 prompt lengths
+    for batch in (3, 5, 6):  # the image trunk: one graph for every batch size
+        images = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(compiled.encode_images(images), eager.encode_images(images))
+    assert counter.frame_count == 2
+    torch._dynamo.reset()

@@ -55,17 +55,26 @@ class ClassTokens(nn.Module):
         self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embeddings[:, 1 + n_ctx :].clone(), persistent=False)
         self.register_buffer("pool_index", text_encoder.pool_index(token_ids), persistent=False)
+        # A causal encoder's pooled output never sees positions past the longest prompt's end of
+        # text: a copy of the suffix cut there, found once on the host (no device sync per step),
+        # rounded up to a multiple of 8 positions (tensor-core friendly shapes).
+        longest = int(self.pool_index.max()) + 1
+        keep = max(min(token_ids.shape[1], -(-longest // 8) * 8), 1 + n_ctx)
+        self.register_buffer("suffix_cut", embeddings[:, 1 + n_ctx : keep].clone(), persistent=False)
 
-    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
-        """ctx [n_ctx, W] -> [C, L, W]; per-sample ctx [B, n_ctx, W] -> [B*C, L, W] (sample-major)."""
+    def assemble(self, ctx: torch.Tensor, cut: bool = False) -> torch.Tensor:
+        """ctx [n_ctx, W] -> [C, L, W]; per-sample ctx [B, n_ctx, W] -> [B*C, L, W] (sample-major).
+
+        cut=True ends the prompts at `suffix_cut` (for encoders that can truncate: same features)."""
         c = self.num_classes
+        suffix = self.suffix_cut if cut else self.suffix
         if ctx.ndim == 2:
             ctx = ctx.to(self.prefix.dtype).unsqueeze(0).expand(c, -1, -1)
-            return torch.cat([self.prefix, ctx, self.suffix], dim=1)
+            return torch.cat([self.prefix, ctx, suffix], dim=1)
         b = ctx.shape[0]
         ctx = ctx.to(self.prefix.dtype).unsqueeze(1).expand(b, c, -1, -1)
         prefix = self.prefix.unsqueeze(0).expand(b, -1, -1, -1)
-        suffix = self.suffix.unsqueeze(0).expand(b, -1, -1, -1)
+        suffix = suffix.unsqueeze(0).expand(b, -1, -1, -1)
         return torch.cat([prefix, ctx, suffix], dim=2).flatten(0, 1)
 
 
@@ -139,11 +148,13 @@ class TextPrompts(nn.Module):
         """Class text features [C, d]; with a per-sample context shift [B, W] (CoCoOp) [B, C, d]."""
         tokens = self.class_tokens
         ctx = self.ctx if shift is None else self.ctx.unsqueeze(0) + shift.unsqueeze(1)
-        embeddings = tokens.assemble(ctx)
+        cut = text_encoder.truncate and text_encoder.can_truncate(attention, self.n_ctx)
+        embeddings = tokens.assemble(ctx, cut=cut)
         pool_index = tokens.pool_index if shift is None else tokens.pool_index.repeat(shift.shape[0])
         features = text_encoder(
             embeddings, pool_index, prompt_start=1, num_prompts=self.n_ctx,
             deep_prompts=layer_list(self.layers(), self.num_layers), attention=attention,
+            truncate=False if cut else None,  # already cut: no need to look at pool_index again
         )
         return features if shift is None else features.view(shift.shape[0], tokens.num_classes, -1)
 

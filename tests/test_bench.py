@@ -1,0 +1,126 @@
+"""The official-style baseline computes the same model as fastprompt's path (only slower), and
+`fastprompt bench train` works end to end in its CPU smoke mode (what CI runs)."""
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+import torch
+
+from fastprompt.bench import PhaseClock, Stepper, class_names, main, report_main, speedups, synthetic_jpegs
+from fastprompt.clip import TINY_MODEL, load_clip
+from fastprompt.features import text_encoders
+from fastprompt.methods import build_model
+from fastprompt.official import CpuAugmentDataset, build_official_model, official_clip, train_transform
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_official_style_model_is_fastprompts_model_in_fp16_at_77_tokens():
+    torch.manual_seed(0)
+    clip32 = load_clip(TINY_MODEL, None)
+    torch.manual_seed(0)
+    clip16 = official_clip(TINY_MODEL, None, "cpu")
+    names = class_names(6)
+    torch.manual_seed(1)
+    fast = build_model("dept+coop", clip32, names)
+    torch.manual_seed(1)
+    official = build_official_model("dept+coop", clip16, names)
+    lengths = {}
+    for key, model in (("fast", fast), ("official", official)):
+        enc = text_encoders(model)[0]
+        enc.blocks[0].ln_1.register_forward_pre_hook(lambda m, a, key=key: lengths.update({key: a[0].shape[1]}))
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 5, 2])
+    with torch.no_grad():
+        ref = fast(images, labels)
+        got = official(images.half(), labels)
+    assert lengths["official"] == 77 and lengths["fast"] < 77  # the whole context vs the cut prompts
+    assert next(official.parameters()).dtype == torch.float32  # what trains: fp32 masters
+    assert text_encoders(official)[0].dtype == torch.float16
+    # Same function, fp16 rounding apart.
+    rel = (got.logits - ref.logits).norm() / ref.logits.norm()
+    assert rel < 2e-2 and abs(float(got.loss) - float(ref.loss)) < 2e-2 * abs(float(ref.loss))
+
+
+def test_cpu_augment_dataset_decodes_bytes_and_files(tmp_path):
+    clip = load_clip(TINY_MODEL, None)
+    data = synthetic_jpegs(2, clip.image_size, seed=0)
+    path = tmp_path / "x.jpg"
+    path.write_bytes(data[1])
+    ds = CpuAugmentDataset([data[0], str(path)], [3, 4], train_transform(clip))
+    for i, label in enumerate([3, 4]):
+        image, y = ds[i]
+        assert image.shape == (3, clip.image_size, clip.image_size) and image.dtype == torch.float32 and y == label
+        assert image.std() > 0.1  # normalised real pixels, not a blank
+    with pytest.raises(ValueError, match="labels"):
+        CpuAugmentDataset(data, [1], train_transform(clip))
+
+
+def test_phase_clock_reports_self_times_of_nested_phases():
+    clock = PhaseClock(torch.device("cpu"))
+    with clock.phase("outer"):
+        time.sleep(0.03)
+        with clock.phase("inner"):
+            time.sleep(0.05)
+    totals = clock.totals()
+    assert totals["inner"] >= 0.05 and 0.03 <= totals["outer"] < totals["inner"]
+    assert clock.totals() == {}  # read once
+
+
+@pytest.mark.parametrize("style", ["fast", "official"])
+def test_stepper_trains_and_counts_model_flops(style):
+    torch.manual_seed(0)
+    clip = official_clip(TINY_MODEL, None, "cpu") if style == "official" else load_clip(TINY_MODEL, None)
+    stepper = Stepper(style, clip, "coop", 4, 5, device=torch.device("cpu"), feature_batch=8)
+    ctx = stepper.model.text_prompts.ctx
+    before = ctx.detach().clone()
+    losses = [float(stepper.step()) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses))) and not torch.equal(ctx.detach(), before)
+    assert stepper.steps_per_cycle == (2 if style == "fast" else 1)
+    if style == "fast":
+        flops = stepper.model_flops_per_step()
+        # At least the image encoder's patch embedding and the text trunk's matmuls of one step.
+        assert flops > 2 * 4 * 16 * (3 * 8 * 8) * 96
+
+
+def test_bench_train_smoke_writes_json_chart_and_report(tmp_path, capsys):
+    path = main(["--smoke", "--out", str(tmp_path), "--run", "dept+coop", "--max-batch", "dept+coop"])
+    result = json.loads(path.read_text())
+    env, cfg = result["environment"], result["config"]
+    assert result["benchmark"] == "train" and cfg["mode"] == "smoke" and cfg["model"] == TINY_MODEL
+    assert env["versions"]["torch"] == torch.__version__ and env["date"] and env["bf16_matmul"]["flops_per_s"] > 0
+    steps = result["steps"]
+    assert {(r["method"], r["style"]) for r in steps} == {(m, s) for m in ("coop", "dept+coop") for s in ("fast", "official")}
+    for r in steps:
+        assert not r["oom"] and r["images_per_s"] > 0 and r["step_ms"] > 0
+        assert set(r["breakdown_ms"]) == {"data", "image_encoder", "text_encoder", "head", "backward", "optimizer"}
+        assert all(v >= 0 for v in r["breakdown_ms"].values())
+        assert r["model_flops_per_step"] > 0 and 0 < r["mfu"]
+    assert len(result["speedups"]) == 2 and all(s["speedup"] > 0 for s in result["speedups"])
+    runs = result["whole_runs"]
+    assert [(r["method"], r["style"]) for r in runs] == [("dept+coop", "fast"), ("dept+coop", "official")]
+    assert all(r["seconds"] > 0 and 0 <= r["accuracy"]["base"] <= 100 for r in runs)
+    assert [r["largest_batch"] for r in result["largest_batch"]] == [8, 8]  # CPU: the smoke search's cap
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    report_main(str(path))
+    assert png.is_file() and "| coop | 4 | 5 | fast |" in capsys.readouterr().out
+
+
+def test_speedups_pair_styles_and_mark_oom():
+    recs = [{"method": "coop", "batch": 4, "classes": 5, "style": "fast", "images_per_s": 30.0},
+            {"method": "coop", "batch": 4, "classes": 5, "style": "official", "images_per_s": 5.0},
+            {"method": "coop", "batch": 8, "classes": 5, "style": "fast", "images_per_s": 40.0},
+            {"method": "coop", "batch": 8, "classes": 5, "style": "official", "oom": True}]
+    rows = speedups(recs)
+    assert rows[0]["speedup"] == pytest.approx(6.0)
+    assert rows[1]["speedup"] is None and rows[1]["official_oom"] is True

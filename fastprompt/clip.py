@@ -7,6 +7,7 @@ and in eval mode; prompt methods train only their own parameters on top of it.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,33 @@ def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))
 
 
-def _create(name: str, pretrained: Optional[str]) -> nn.Module:
+class _DropRandomInitWarning(logging.Filter):
+    # open_clip warns on the root logger that no weights were loaded; random init is asked for here.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _create_random(name: str, seed: int) -> nn.Module:
+    """Random init from its own seed: every process and every rerun builds the same backbone
+    (a resumed run or `fastprompt eval` must load trained prompts into the same CLIP), and the
+    caller's global RNG is left as it was."""
+    quiet = _DropRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def _create(name: str, pretrained: Optional[str], seed: int) -> nn.Module:
     if name not in open_clip.list_models():
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown open_clip model {name!r}.{hint} See fastprompt.clip.available_models().")
     if pretrained is None or pretrained == "none":
-        return open_clip.create_model(name, pretrained=None)
+        return _create_random(name, seed)
     if os.path.isfile(pretrained):
         try:
             return open_clip.create_model(name, pretrained=pretrained)
@@ -110,13 +131,15 @@ def load_clip(
     *,
     dtype: Union[str, torch.dtype] = torch.float32,
     device: Union[str, torch.device] = "cpu",
+    seed: int = 0,
 ) -> ClipBundle:
     """Build open_clip model `name`, frozen and in eval mode, in `dtype` on `device`.
 
-    pretrained: None (random init), an open_clip tag, or a local checkpoint file.
+    pretrained: None (random init from `seed`, the same weights every time), an open_clip tag, or a
+    local checkpoint file.
     """
     dtype = _resolve_dtype(dtype)
-    model = _create(name, pretrained)
+    model = _create(name, pretrained, seed)
     model.eval()
     model.requires_grad_(False)
     model.to(device=device, dtype=dtype)

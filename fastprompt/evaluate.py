@@ -140,9 +140,8 @@ class Session:
         if not distributed.is_main():
             say = _silent  # rank 0 reports for everyone
         say(f"loading CLIP {cfg.model.name} (weights: {cfg.model.pretrained or 'random init'}) on {device}")
-        # Random weights (pretrained=null) must be the same backbone in every process, or
-        # `fastprompt eval` and `--resume` would load trained prompts into a different CLIP.
-        seed_everything(0)
+        # Random weights (pretrained=null) come from load_clip's fixed seed: the same backbone in every
+        # process, so `fastprompt eval` and `--resume` load trained prompts into the same CLIP.
         clip = load_clip(cfg.model.name, cfg.model.pretrained, dtype=cfg.model.dtype, device=device)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +205,17 @@ class Session:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def finished(self, run_dir: Path, seed: int, keys: tuple[str, ...]) -> Optional[dict]:
+        """With --resume, a seed whose result.json is complete is reused, not run again (sweeps)."""
+        if not (self.resume and self.train):
+            return None
+        from .sweep import finished_result
+
+        done = finished_result(run_dir, seed, keys, self.cfg)
+        if done is not None:
+            self.say(f"seed {seed}: finished earlier ({run_dir / 'result.json'}), not run again")
+        return done
+
 
 def _silent(message: str) -> None:
     pass
@@ -244,6 +254,9 @@ def run_base2new(session: Session) -> dict:
     runs = []
     for seed in cfg.data.seeds:
         run_dir = session.seed_dir(seed)
+        if (done := session.finished(run_dir, seed, ("base", "new", "hm"))) is not None:
+            runs.append(done)
+            continue
         base, new = split_base_new(session.few_shot(full, cfg.data.shots, seed))
         model = session.build_model(base.classnames, seed)
         train_stats = session.train_model(model, base.train, run_dir, seed)
@@ -275,6 +288,9 @@ def run_transfer(session: Session) -> dict:
     runs = []
     for seed in cfg.data.seeds:
         run_dir = session.seed_dir(seed)
+        if (done := session.finished(run_dir, seed, ("source", "targets"))) is not None:
+            runs.append(done)
+            continue
         train_split = session.few_shot(source, cfg.data.shots, seed)
         model = session.build_model(source.classnames, seed)
         train_stats = session.train_model(model, train_split.train, run_dir, seed)
@@ -312,6 +328,9 @@ def run_few_shot(session: Session) -> dict:
         accs = []
         for seed in cfg.data.seeds:
             run_dir = session.seed_dir(seed, f"shots{shots}")
+            if (done := session.finished(run_dir, seed, ("accuracy",))) is not None:
+                accs.append(done["accuracy"])
+                continue
             split = session.few_shot(full, shots, seed)
             model = session.build_model(full.classnames, seed)
             train_stats = session.train_model(model, split.train, run_dir, seed)
@@ -331,6 +350,9 @@ def run_train_eval(session: Session) -> dict:
     runs = []
     for seed in cfg.data.seeds:
         run_dir = session.seed_dir(seed)
+        if (done := session.finished(run_dir, seed, ("accuracy",))) is not None:
+            runs.append(done)
+            continue
         split = session.few_shot(full, cfg.data.shots, seed)
         model = session.build_model(full.classnames, seed)
         train_stats = session.train_model(model, split.train, run_dir, seed)

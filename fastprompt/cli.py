@@ -79,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each holds results.json)")
     rep.add_argument("--out", default=None, help="folder for report.md and chart.png (default: the first RUN_DIR)")
 
+    sweep = sub.add_parser(
+        "sweep", help="every (method, dataset, seed) of a protocol: skips finished runs, resumes interrupted ones",
+        description="Run every (method, dataset, seed) that SWEEP.yaml lists (protocol, methods, datasets, seeds, "
+                    "overrides, output_dir, report_dir; see fastprompt/sweep.py). Finished seeds are skipped, "
+                    "interrupted ones resume from their checkpoint; then each run folder gets results.json and "
+                    "the sweep one report.md/chart.png. Rerun the same command after any failure.",
+    )
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep file (YAML: protocol, methods, datasets, seeds, overrides)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + "; applied to every run")
+    sweep.add_argument("--emit-commands", action="store_true",
+                       help="print one `fastprompt train ... --resume` line per (method, dataset, seed) for a "
+                            "scheduler (e.g. a Slurm array) instead of running; rerun the sweep afterwards to "
+                            "aggregate (finished runs are skipped)")
+
     demo = sub.add_parser(
         "demo", help="a complete base-to-new run (DePT + CoOp) on bundled digits with a tiny random CLIP, on CPU",
         description="Write scikit-learn's handwritten digits as an ImageFolder, train DePT + CoOp on the base "
@@ -162,6 +176,24 @@ def _bench(args) -> None:
         report_main(args.result, args.out)
 
 
+def _sweep(args) -> None:
+    from .report import load_results, markdown_table
+    from .sweep import emit_commands, load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep_file, args.overrides)
+    if args.emit_commands:
+        lines = emit_commands(sweep)
+        print("\n".join(lines))
+        print(f"# {len(lines)} runs; when they are done, `fastprompt sweep {args.sweep_file}` writes the table",
+              file=sys.stderr)
+        return
+    rows, md = run_sweep(sweep)
+    print("\n" + markdown_table(load_results([r["output_dir"] for r in rows])))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ran", "resumed", "finished")}
+    print(f"{len(rows)} run folders: {counts['ran']} ran, {counts['resumed']} resumed, {counts['finished']} already "
+          f"finished; report {md}")
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -184,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         expected = (*expected, DatasetError)
     except ImportError:
         pass
-    handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench}[args.command]
+    handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
+               "sweep": _sweep}[args.command]
     try:
         handler(args)
     except expected as exc:  # the user's input: say what is wrong, no traceback

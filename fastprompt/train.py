@@ -244,6 +244,8 @@ class RunLogger:
 # Keys whose change would make a resumed run differ from the run it continues.
 _RESUME_IRRELEVANT = {"output_dir", "train.progress", "train.num_workers", "train.log_every",
                       "train.device", "train.eval_batch_size", "train.checkpoint_every", "protocol.targets",
+                      # one seed's (or shot count's) training does not depend on the others in the list
+                      "data.seeds", "protocol.shots",
                       "train.feature_cache"}
 
 

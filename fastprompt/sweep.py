@@ -1,0 +1,253 @@
+"""`fastprompt sweep SWEEP.yaml`: every (method, dataset, seed) of a protocol, restartable.
+
+A sweep file names the runs; the configs they use are the published ones (configs/<protocol>/
+<method>.yaml) or one `config` for all methods:
+
+    protocol: base2new                   # picks configs/base2new/<method>.yaml
+    methods: [dept+coop, coop]           # method.name values
+    datasets: [caltech101, dtd]
+    seeds: [1, 2, 3]
+    overrides: [data.root=/data]         # key=value for every run (command-line overrides add to these)
+    output_dir: runs/sweep/{protocol}/{method}/{dataset}   # optional; one folder per (method, dataset)
+    report_dir: runs/sweep/{protocol}    # optional; where report.md and chart.png go
+    # config: configs/demo.yaml          # optional: one config for every method (method.name set per run)
+    # configs_dir: configs               # optional: where <protocol>/<method>.yaml are looked up
+
+Running it trains what is missing: a seed whose result.json is complete is skipped, a seed with a
+checkpoint resumes from it (the config must be unchanged), the rest start fresh; then each
+(method, dataset) folder gets its results.json and the sweep one report (`fastprompt report`).
+With --emit-commands it prints one `fastprompt train ... --resume` line per (method, dataset, seed)
+instead, for a scheduler (e.g. a Slurm array); rerunning the sweep afterwards only aggregates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from .config import Config, ConfigError, load_config, save_config
+
+__all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "finished_result"]
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class Sweep:
+    path: Path
+    protocol: str
+    methods: list[str]
+    datasets: list[str]
+    seeds: list[int]
+    overrides: list[str] = field(default_factory=list)
+    output_dir: str = "runs/sweep/{protocol}/{method}/{dataset}"
+    report_dir: Optional[str] = None
+    config: Optional[str] = None
+    configs_dir: Optional[str] = None
+
+
+@dataclass
+class SweepRun:
+    """One (method, dataset) folder and the seeds it holds; `command(seed)` trains one seed."""
+
+    method: str
+    dataset: str
+    seeds: list[int]
+    config_path: Path
+    overrides: list[str]
+    output_dir: str
+
+    def config(self, seeds: Optional[list[int]] = None) -> Config:
+        seeds = self.seeds if seeds is None else seeds
+        return load_config(self.config_path, [*self.overrides, f"data.seeds={list(seeds)}"])
+
+    def command(self, seed: int) -> str:
+        args = ["fastprompt", "train", str(self.config_path.resolve()), *self.overrides, f"data.seeds=[{seed}]", "--resume"]
+        return shlex.join(args)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Sweep)} - {"path"}
+
+
+def _list(data: dict, key: str, path: Path, kind: type) -> list:
+    value = data.get(key)
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{path}: '{key}' must be a non-empty list, e.g. {key}: "
+                          + ("[1, 2, 3]" if kind is int else "[a, b]"))
+    bad = [v for v in value if not isinstance(v, kind) or isinstance(v, bool)]
+    if bad:
+        raise ConfigError(f"{path}: '{key}' must hold {kind.__name__}s, got {bad[:3]}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{path}: '{key}' lists {sorted({v for v in value if value.count(v) > 1})} twice")
+    return value
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
+    """Read and check a sweep file; `overrides` (key=value) are appended to its own."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping with protocol, methods, datasets, seeds")
+    for key in data:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(str(key), sorted(_FIELDS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (keys: {', '.join(sorted(_FIELDS))})"
+            raise ConfigError(f"{path}: unknown sweep key '{key}'{hint}")
+    protocol = data.get("protocol")
+    if not isinstance(protocol, str):
+        raise ConfigError(f"{path}: 'protocol' is required, e.g. protocol: base2new")
+    own = data.get("overrides") or []
+    if not isinstance(own, list) or not all(isinstance(o, str) and "=" in o for o in own):
+        raise ConfigError(f"{path}: 'overrides' must be a list of key=value strings, e.g. [data.root=/data]")
+    for key in ("output_dir", "report_dir", "config", "configs_dir"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ConfigError(f"{path}: '{key}' must be a string (a path), got {data[key]!r}")
+    sweep = Sweep(path=path, protocol=protocol, methods=_list(data, "methods", path, str),
+                  datasets=_list(data, "datasets", path, str), seeds=_list(data, "seeds", path, int),
+                  overrides=[*own, *overrides],
+                  **{k: data[k] for k in ("output_dir", "report_dir", "config", "configs_dir") if data.get(k)})
+    for override in sweep.overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in ("data.dataset", "data.seeds", "method.name", "output_dir", "protocol.name"):
+            raise ConfigError(f"override '{override}': the sweep sets {key} itself; list the values in the sweep "
+                              "file (methods, datasets, seeds, output_dir) instead")
+    return sweep
+
+
+def _relative(sweep: Sweep, name: str) -> Path:
+    # Paths in a sweep file: as given when they exist from here, else next to the sweep file.
+    p = Path(name)
+    return p if p.is_absolute() or p.exists() else sweep.path.parent / p
+
+
+def _method_config(sweep: Sweep, method: str) -> Path:
+    if sweep.config:
+        path = _relative(sweep, sweep.config)
+        if not path.is_file():
+            raise ConfigError(f"{sweep.path}: config {sweep.config} not found")
+        return path
+    roots = [_relative(sweep, sweep.configs_dir)] if sweep.configs_dir else [Path("configs"), PACKAGE_CONFIGS]
+    for root in roots:
+        path = root / sweep.protocol / f"{method.replace('+', '_')}.yaml"
+        if path.is_file():
+            return path
+    folder = roots[0] / sweep.protocol
+    known = sorted(p.stem.replace("_", "+", 1) if p.stem.startswith("dept_") else p.stem
+                   for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    raise ConfigError(f"{sweep.path}: no config for method '{method}' under {folder}"
+                      + (f" (there: {', '.join(known)})" if known else "")
+                      + "; set 'config: FILE' for one config for all methods, or 'configs_dir'")
+
+
+def expand(sweep: Sweep) -> list[SweepRun]:
+    """The sweep's (method, dataset) folders, each with every seed; configs checked up front."""
+    runs = []
+    for method in sweep.methods:
+        config_path = _method_config(sweep, method)
+        for dataset in sweep.datasets:
+            overrides = [*sweep.overrides, f"method.name={method}", f"data.dataset={dataset}",
+                         f"protocol.name={sweep.protocol}", f"output_dir={sweep.output_dir}"]
+            run = SweepRun(method=method, dataset=dataset, seeds=list(sweep.seeds), config_path=config_path,
+                           overrides=overrides, output_dir="")
+            cfg = run.config()  # a bad override or value fails here, before anything runs
+            run.output_dir = cfg.output_dir
+            # Pin the folder: placeholders are filled once, so every seed's command writes the same place.
+            run.overrides[-1] = f"output_dir={cfg.output_dir}"
+            runs.append(run)
+    folders = [r.output_dir for r in runs]
+    clash = sorted({f for f in folders if folders.count(f) > 1})
+    if clash:
+        raise ConfigError(f"{sweep.path}: output_dir '{sweep.output_dir}' gives several runs the same folder "
+                          f"({clash[0]}); use the {{method}} and {{dataset}} placeholders")
+    return runs
+
+
+def emit_commands(sweep: Sweep) -> list[str]:
+    """One `fastprompt train ... --resume` line per (method, dataset, seed)."""
+    return [run.command(seed) for run in expand(sweep) for seed in run.seeds]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def finished_result(run_dir: Path, seed: int, keys: tuple[str, ...], cfg: Config) -> Optional[dict]:
+    """run_dir/result.json when it is complete for `seed` (every key present, numbers finite), else None.
+
+    A finished run whose checkpoint was trained with different settings is an error, not a skip:
+    reusing it would mix two configurations in one table.
+    """
+    path = Path(run_dir) / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or result.get("seed") != seed:
+        return None
+    for key in keys:
+        value = result.get(key)
+        if key == "targets":
+            if not isinstance(value, dict) or not all(_finite(value.get(t)) for t in cfg.protocol.targets):
+                return None
+        elif not _finite(value):
+            return None
+    from .checkpoint import latest_checkpoint_dir, load_checkpoint
+    from .config import config_to_dict
+    from .train import _check_resumable
+
+    ckpt_root = Path(run_dir) / "checkpoints"
+    if latest_checkpoint_dir(ckpt_root) is not None:
+        _check_resumable(load_checkpoint(ckpt_root).meta["config"], config_to_dict(cfg), ckpt_root)
+    return result
+
+
+def _complete(out: Path, seeds: list[int]) -> bool:
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(results, dict) or results.get("seeds") != seeds:
+        return False  # e.g. written by one seed's job of an emitted command list: aggregate again
+    return "mean" in results or "results" in results
+
+
+def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list[dict], Optional[Path]]:
+    """Run (or skip, or resume) every run; write each results.json and the report. Returns the
+    per-folder status rows and the report path."""
+    from .evaluate import run_protocol
+    from .report import write_report
+
+    runs = expand(sweep)
+    rows = []
+    for i, run in enumerate(runs, 1):
+        out = Path(run.output_dir)
+        label = f"[{i}/{len(runs)}] {run.method} / {run.dataset}"
+        if _complete(out, run.seeds):
+            say(f"{label}: finished, skipped ({out})")
+            rows.append({"method": run.method, "dataset": run.dataset, "status": "finished", "output_dir": str(out)})
+            continue
+        resuming = out.exists() and any(out.rglob("checkpoints/latest"))
+        say(f"{label}: {'resuming' if resuming else 'running'} seeds {run.seeds} in {out}")
+        cfg = run.config()
+        run_protocol(cfg, resume=True, say=lambda m: say("    " + m))
+        save_config(cfg, out / "config.yaml")  # the whole seed list, for `fastprompt eval`
+        rows.append({"method": run.method, "dataset": run.dataset, "status": "resumed" if resuming else "ran",
+                     "output_dir": str(out)})
+    report_dir = Path(sweep.report_dir.format(protocol=sweep.protocol)) if sweep.report_dir else \
+        Path(runs[0].output_dir).parent.parent
+    md, _ = write_report([r["output_dir"] for r in rows], report_dir)
+    return rows, md

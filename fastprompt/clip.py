@@ -142,6 +142,8 @@ def load_clip(
     model = _create(name, pretrained, seed)
     model.eval()
     model.requires_grad_(False)
+    # Read the temperature before a cast to bf16/fp16 rounds it (bf16 would turn s = 100 into ~99.6).
+    logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
     model.to(device=device, dtype=dtype)
 
     pp = open_clip.get_model_preprocess_cfg(model)
@@ -158,7 +160,7 @@ def load_clip(
         mean=mean,
         std=std,
         embed_dim=int(embed_dim),
-        logit_scale=float(model.logit_scale.detach().float().exp().reshape(-1)[0]),
+        logit_scale=logit_scale,
         dtype=dtype,
         device=torch.device(device),
     )

@@ -33,5 +33,23 @@ $PY -m pytest tests/kernels/test_decoupled_attention.py tests/kernels/test_atten
 step "decoupled attention table: ViT-B/16 vision + text shapes, bf16, vs eager / flex / SDPA / xformers"
 $PY benchmarks/attention_table.py --out "$RESULTS" || status=1
 
+# ---- training throughput (issue 6): fastprompt vs the official-style path, same process, same GPU.
+# Each step below is also one command on its own. Whole runs default to the paper's 10 epochs
+# (about half an hour for both methods and styles); RUN_EPOCHS=1 fits a 10-minute device call.
+step "training fast paths: exactness tests (CPU tiny model) and the bench smoke mode"
+$PY -m pytest tests/test_fast_paths.py tests/test_bench.py -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/train_fast_paths_tests.log" || status=1
+
+step "train bench: 10 methods x batch 4/32/128 x classes 50/500/1000, fast vs official, ViT-B/16 random weights, bf16"
+$PY -m fastprompt bench train --out "$RESULTS" || status=1
+
+step "train bench, fast path compiled (dynamic class count) + CUDA graphs"
+$PY -m fastprompt bench train --out "$RESULTS" --styles fast --compile --cuda-graphs || status=1
+
+step "largest batch that fits on this GPU at 1000 classes (ImageNet), both styles"
+$PY -m fastprompt bench train --out "$RESULTS" --no-steps --classes 1000 --max-batch coop dept+coop maple dept+maple || status=1
+
+step "whole base-to-new runs: 500 base classes x 16 shots, batch 4, ${RUN_EPOCHS:-10} epochs, 50 test images per class"
+$PY -m fastprompt bench train --out "$RESULTS" --no-steps --run dept+coop dept+maple --run-epochs "${RUN_EPOCHS:-10}" || status=1
+
 if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/; fi
 exit $status

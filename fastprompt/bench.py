@@ -42,6 +42,7 @@ GPU_GRID = {"model": "ViT-B-16", "methods": ALL_METHODS, "batches": (4, 32, 128)
 SMOKE_GRID = {"model": "fastprompt-tiny", "methods": ("coop", "dept+coop"), "batches": (4,), "classes": (5,),
               "steps": 2, "warmup": 1, "feature_batch": 8, "text_chunk_size": None, "num_workers": 0}
 STYLES = ("fast", "official")
+PASS_SECONDS = 15.0  # rough cap on one measured pass of a configuration
 SHORT_SIDE_RATIO = 8 / 7  # the decoded cache keeps images at 8/7 of the crop (256 for 224)
 
 
@@ -362,8 +363,11 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
         stepper = Stepper(style, clip, method, batch, classes, device=device, feature_batch=feature_batch,
                           text_chunk_size=text_chunk_size, compile=False, num_workers=num_workers, clock=clock)
         cycle = stepper.steps_per_cycle
-        n = cycle * max(1, math.ceil(steps / cycle))  # whole precompute cycles, so encoding is amortised fairly
-        _timed_steps(stepper, cycle * max(1, math.ceil(warmup / cycle)), device)
+        warm = cycle * max(1, math.ceil(warmup / cycle))
+        warm_s = _timed_steps(stepper, warm, device) / warm
+        # Whole precompute cycles, so one large image batch is amortised over the steps using it;
+        # slow configurations (CoCoOp at 1000 classes) measure fewer steps, about PASS_SECONDS a pass.
+        n = cycle * max(1, min(math.ceil(steps / cycle), math.ceil(PASS_SECONDS / max(warm_s * cycle, 1e-9))))
         clock.totals()
         breakdown_s = _timed_steps(stepper, n, device)
         phases = {k: v / n for k, v in clock.totals().items()}

@@ -253,3 +253,36 @@ def test_compiled_encoders_do_not_recompile_when_the_classes_change(clip):
         torch.testing.assert_close(compiled.encode_images(images), eager.encode_images(images))
     assert counter.frame_count == 2
     torch._dynamo.reset()
+
+
+def test_fit_with_compile_matches_eager_and_new_classes_reuse_the_compiled_code(clip, tmp_path):
+    """The real inductor path on the CPU (about half a minute of compiling): training, then a
+    class switch (base -> new) that must not compile again."""
+    from torch._dynamo.utils import counters
+
+    from fastprompt.data import GpuAugment
+
+    torch._dynamo.reset()
+    results, models = {}, {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model("coop", clip, NAMES[:3], n_ctx=4)
+        cfg = load_config(None, [f"output_dir={tmp_path / str(compiled)}", "train.epochs=1", "train.batch_size=4",
+                                 "train.precision=fp32", "train.device=cpu", "train.progress=false",
+                                 "optim.lr=0.05", "optim.warmup_epochs=0", f"train.compile={compiled}"])
+        augment = GpuAugment(clip.image_size, clip.mean, clip.std)
+        results[compiled] = fit(model, _Source(12, 3), augment, cfg, tmp_path / str(compiled), seed=1)
+        models[compiled] = model
+    assert results[True].epoch_losses == pytest.approx(results[False].epoch_losses, rel=1e-4)
+    assert counters["stats"]["unique_graphs"] >= 2  # the text trunk (with grad) and the image trunk
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        models[True](images)  # evaluation runs the text trunk without grad: its own graph, once
+        graphs = counters["stats"]["unique_graphs"]
+        for names in (NAMES[3:], ["x"] * 2):
+            for m in models.values():
+                m.set_classnames(names)
+            torch.testing.assert_close(models[True](images).logits, models[False](images).logits,
+                                       rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

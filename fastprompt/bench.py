@@ -38,11 +38,11 @@ __all__ = ["GPU_GRID", "SMOKE_GRID", "Stepper", "PhaseClock", "measure_matmul_ra
 BASE_METHODS = ("coop", "cocoop", "kgcoop", "maple", "dpl")
 ALL_METHODS = tuple(m for base in BASE_METHODS for m in (base, f"dept+{base}"))
 GPU_GRID = {"model": "ViT-B-16", "methods": ALL_METHODS, "batches": (4, 32, 128), "classes": (50, 500, 1000),
-            "steps": 20, "warmup": 3, "feature_batch": 512, "text_chunk_size": 4096, "num_workers": 8}
+            "steps": 20, "warmup": 3, "feature_batch": 512, "text_chunk_size": 4096, "num_workers": 8, "repeats": 3}
 SMOKE_GRID = {"model": "fastprompt-tiny", "methods": ("coop", "dept+coop"), "batches": (4,), "classes": (5,),
-              "steps": 2, "warmup": 1, "feature_batch": 8, "text_chunk_size": None, "num_workers": 0}
+              "steps": 2, "warmup": 1, "feature_batch": 8, "text_chunk_size": None, "num_workers": 0, "repeats": 1}
 STYLES = ("fast", "official")
-PASS_SECONDS = 15.0  # rough cap on one measured pass of a configuration
+PASS_SECONDS = 5.0  # rough cap on one measured pass of a configuration
 SHORT_SIDE_RATIO = 8 / 7  # the decoded cache keeps images at 8/7 of the crop (256 for 224)
 
 
@@ -248,7 +248,8 @@ class Stepper:
 
             n = max(batch * 4, 64)
             labels = torch.randint(0, classes, (n,)).tolist()
-            dataset = CpuAugmentDataset(synthetic_jpegs(n, clip.image_size, seed=seed), labels, train_transform(clip))
+            jpegs = synthetic_jpegs(min(n, 256), clip.image_size, seed=seed)  # each access decodes anew
+            dataset = CpuAugmentDataset([jpegs[i % len(jpegs)] for i in range(n)], labels, train_transform(clip))
             self.loader = official_train_loader(dataset, batch_size=batch, num_workers=num_workers, seed=seed)
             self._batches = self._official_batches()
         else:
@@ -353,8 +354,11 @@ def _timed_steps(stepper: Stepper, steps: int, device: torch.device) -> float:
 
 def bench_step(clip, method: str, batch: int, classes: int, style: str, *, device: torch.device, steps: int,
                warmup: int, feature_batch: int, text_chunk_size: Optional[int], compile: bool, num_workers: int,
-               cuda_graphs: bool = False, flops: Optional[float] = None, peak_rate: Optional[float] = None) -> dict:
-    """Throughput, breakdown, memory and MFU of one configuration; {'oom': True} if it does not fit."""
+               cuda_graphs: bool = False, flops: Optional[float] = None, peak_rate: Optional[float] = None,
+               repeats: int = 3) -> dict:
+    """Throughput, breakdown, memory and MFU of one configuration; {'oom': True} if it does not fit.
+
+    images/s and step_ms are the median over `repeats` passes of n steps (each pass's mean step)."""
     record = {"method": method, "batch": batch, "classes": classes, "style": style}
     stepper = None
     try:
@@ -384,13 +388,17 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
             _timed_steps(stepper, cycle * max(1, math.ceil(warmup / cycle)), device)
         elif device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = _timed_steps(stepper, n, device)
-        step_s = seconds / n
+        passes = [_timed_steps(stepper, n, device) / n for _ in range(repeats)]
+        step_s = statistics.median(passes)
         record.update({
             "steps": n, "steps_per_cycle": cycle, "step_ms": 1e3 * step_s, "images_per_s": batch / step_s,
+            "step_ms_passes": [1e3 * p for p in passes],
             "breakdown_ms": {k: 1e3 * v for k, v in sorted(phases.items())},
             "breakdown_pass_step_ms": 1e3 * breakdown_s / n,
             "peak_memory_bytes": _peak_memory(device), "model_flops_per_step": flops,
+            # Counted by torch.utils.flop_counter over one fast-path step; chunked text encoding
+            # (more prompts than text_chunk_size) includes its recomputed forward.
+            "text_recomputed": bool(text_chunk_size) and _text_rows(method, batch, classes) > text_chunk_size,
             "mfu": (flops / step_s / peak_rate) if flops and peak_rate else None,
             "precompute_image_features": stepper.precompute, "compile": bool(compile and style == "fast"),
             "cuda_graphs": bool(cuda_graphs and compile and style == "fast" and device.type == "cuda"),
@@ -406,8 +414,12 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
     return record
 
 
+def _text_rows(method: str, batch: int, classes: int) -> int:
+    return batch * classes if method.endswith("cocoop") else classes
+
+
 def largest_batch(clip, method: str, classes: int, style: str, *, device: torch.device, feature_batch: int,
-                  text_chunk_size: Optional[int], limit: int = 4096) -> dict:
+                  text_chunk_size: Optional[int], limit: int = 4096, num_workers: int = 0) -> dict:
     """The largest batch (doubling, then bisection) for which two training steps fit in memory."""
 
     def fits(b: int) -> bool:
@@ -415,7 +427,8 @@ def largest_batch(clip, method: str, classes: int, style: str, *, device: torch.
         try:
             _reset_memory(device)
             stepper = Stepper(style, clip, method, b, classes, device=device,
-                              feature_batch=max(feature_batch, b), text_chunk_size=text_chunk_size, num_workers=0)
+                              feature_batch=max(feature_batch, b), text_chunk_size=text_chunk_size,
+                              num_workers=num_workers)
             _timed_steps(stepper, 2, device)
             return True
         except RuntimeError as err:
@@ -647,7 +660,8 @@ def markdown_table(results: dict) -> str:
                      f"{r['step_ms']:.2f} | {mem} | {mfu} |")
     for r in results.get("whole_runs") or []:
         mem = f"{r['peak_memory_bytes'] / 2**20:.0f} MB" if r.get("peak_memory_bytes") else "-"
-        lines.append(f"\nwhole run {r['method']} {r['style']}: {r['seconds']:.1f} s, peak {mem}")
+        rate = f", {r['images_per_s']:.1f} images/s" if r.get("images_per_s") else ""
+        lines.append(f"\nwhole run {r['method']} {r['style']}: {r['seconds']:.1f} s{rate}, peak {mem}")
     return "\n".join(lines)
 
 
@@ -707,7 +721,8 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
               "batches": batches, "classes": classes, "styles": args.styles, "steps": steps, "warmup": grid["warmup"],
               "feature_batch": grid["feature_batch"], "text_chunk_size": chunk, "compile": args.compile,
               "cuda_graphs": args.cuda_graphs,
-              "num_workers": grid["num_workers"], "image_size": None, "statistic": "mean over the measured steps"}
+              "num_workers": grid["num_workers"], "image_size": None, "repeats": grid["repeats"],
+              "statistic": "median over `repeats` passes of each pass's mean step time"}
     results = {"benchmark": "train", "environment": _environment(device, matmul), "config": config, "steps": []}
     torch.manual_seed(0)
     clips = {}
@@ -729,7 +744,8 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
                         rec = bench_step(clip_for(style), method, b, c, style, device=device, steps=steps,
                                          warmup=grid["warmup"], feature_batch=grid["feature_batch"],
                                          text_chunk_size=chunk, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                                         num_workers=grid["num_workers"], flops=flops, peak_rate=matmul["flops_per_s"])
+                                         num_workers=grid["num_workers"], flops=flops, peak_rate=matmul["flops_per_s"],
+                                         repeats=grid["repeats"])
                         flops = rec.get("model_flops_per_step", flops)
                         results["steps"].append(rec)
                         print(_one_line(rec), flush=True)
@@ -743,7 +759,7 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
             for style in args.styles:
                 rec = largest_batch(clip_for(style), method, max(classes), style, device=device,
                                     feature_batch=grid["feature_batch"], text_chunk_size=chunk,
-                                    limit=8 if args.smoke else 4096)
+                                    limit=8 if args.smoke else 4096, num_workers=grid["num_workers"])
                 results["largest_batch"].append(rec)
                 print(f"largest batch {method} {style} C={max(classes)}: {rec['largest_batch']}", flush=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -779,7 +795,10 @@ def _whole_runs(args, model: str, device: torch.device, chunk, *, smoke: bool) -
                 rec = whole_run(style, method, data_root=root, out=tmp / f"{style}_{method.replace('+', '_')}",
                                 model=model, device=device, shots=shots, epochs=epochs, batch=4, num_workers=workers,
                                 compile=args.compile, text_chunk_size=chunk, feature_cache_dir=tmp / "cache")
-                rec.update(base_classes=classes, shots=shots, epochs=epochs, test_per_class=tests, batch=4)
+                rec.update(base_classes=classes, shots=shots, epochs=epochs, test_per_class=tests, batch=4,
+                           train_images=classes * shots, test_images=2 * classes * tests)
+                # Whole-run throughput: every image the run processed (training views, test images) per second.
+                rec["images_per_s"] = (epochs * rec["train_images"] + rec["test_images"]) / rec["seconds"]
                 runs.append(rec)
                 print(f"whole run {method} {style}: {rec['seconds']:.1f} s", flush=True)
     return runs

@@ -218,11 +218,19 @@ def test_cached_eval_features_give_the_same_accuracy_and_are_reused(digits, tmp_
     assert again.feature_cache.encoded == 0 and again.feature_cache.fingerprint == cache.fingerprint
 
 
+def test_text_chunk_size_reaches_every_text_encoder(digits, tmp_path):
+    session = _session(digits, tmp_path, "train.text_chunk_size=2", "method.name=dept+kgcoop")
+    model = session.build_model(["zero", "one", "two"], seed=1)
+    assert [enc.chunk_size for enc in text_encoders(model)] == [2]
+
+
 def test_backbone_fingerprint_follows_weights_and_precision(clip):
     fp = backbone_fingerprint(clip, "fp32")
     assert backbone_fingerprint(clip, "fp32") == fp and backbone_fingerprint(clip, "bf16") != fp
-    torch.manual_seed(1)
-    other = load_clip(TINY_MODEL, None)  # same architecture, different random weights
+    other = load_clip(TINY_MODEL, None)
+    assert backbone_fingerprint(other, "fp32") == fp  # the same weights
+    with torch.no_grad():
+        other.model.visual.transformer.resblocks[-1].mlp.c_proj.bias[0] += 1e-3  # one weight, deep inside
     assert backbone_fingerprint(other, "fp32") != fp
 
 

@@ -15,14 +15,16 @@ needs the test images' features, which never change. Two exact speed-ups follow:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
 from torch import nn
 
 from .checkpoint import atomic_write_bytes
@@ -118,13 +120,21 @@ class EvalFeatureCache:
     def _store(self, samples: Sequence) -> tuple[Path, dict]:
         folder = os.path.commonpath([os.path.dirname(os.path.abspath(s.path)) for s in samples])
         name = hashlib.sha256(folder.encode()).hexdigest()[:16]
-        path = self.root / f"{name}.pt"
+        path = self.root / f"{name}.safetensors"
         if name not in self._stores:
             store = {"folder": folder, "keys": {}, "features": None}
             if path.is_file():
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                store["keys"] = {k: i for i, k in enumerate(saved["keys"])}
-                store["features"] = saved["features"]
+                # safetensors + JSON metadata: nothing read from disk is ever unpickled.
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        keys = json.loads(f.metadata()["keys"])
+                        features = f.get_tensor("features")
+                    if len(keys) != features.shape[0]:
+                        raise ValueError(f"{len(keys)} keys for {features.shape[0]} rows")
+                    store["keys"] = {k: i for i, k in enumerate(keys)}
+                    store["features"] = features
+                except Exception as exc:  # a damaged cache is only a cache: encode again
+                    logging.getLogger(__name__).warning("feature cache %s unreadable (%s); encoding again", path, exc)
             self._stores[name] = store
         return path, self._stores[name]
 
@@ -151,9 +161,8 @@ class EvalFeatureCache:
                 store["keys"].update({k: base + j for j, k in enumerate(new_keys) if k is not None})
                 self.root.mkdir(parents=True, exist_ok=True)
                 ordered = sorted(store["keys"], key=store["keys"].get)
-                buf = io.BytesIO()
-                torch.save({"keys": ordered, "features": store["features"]}, buf)
-                atomic_write_bytes(path, buf.getvalue())
+                atomic_write_bytes(path, st_save({"features": store["features"].contiguous()},
+                                                 metadata={"keys": json.dumps(ordered)}))
         present = [i for i, k in enumerate(keys) if k is not None and k in store["keys"]]
         rows = torch.tensor([store["keys"][keys[i]] for i in present], dtype=torch.long)
         labels = torch.tensor([samples[i].label for i in present], dtype=torch.long)

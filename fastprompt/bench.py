@@ -585,7 +585,7 @@ def speedups(records: list[dict]) -> list[dict]:
         if style != "fast" or off is None:
             continue
         row = {"method": method, "batch": b, "classes": c}
-        if fast.get("oom") or off.get("oom"):
+        if _failed(fast) or _failed(off):
             row.update(speedup=None, official_oom=bool(off.get("oom")), fast_oom=bool(fast.get("oom")))
         else:
             row.update(speedup=fast["images_per_s"] / off["images_per_s"], official_oom=False, fast_oom=False)
@@ -616,8 +616,8 @@ def draw_bench_chart(results: dict, path: str | Path) -> Path:
             ys, labels = [], []
             for m in methods:
                 r = by.get((m, b, c, style))
-                ys.append(r["images_per_s"] if r and not r.get("oom") else 0.0)
-                labels.append("OOM" if r and r.get("oom") else "")
+                ys.append(0.0 if _failed(r) else r["images_per_s"])
+                labels.append("OOM" if r and r.get("oom") else ("ERR" if r and "error" in r else ""))
             bars = ax.bar(xs, ys, 0.4, label=style)
             ax.bar_label(bars, labels=labels, fontsize=6)
         ax.set_yscale("log")
@@ -629,7 +629,7 @@ def draw_bench_chart(results: dict, path: str | Path) -> Path:
         ax = axes.flat[len(combos)]
         names = list(dict.fromkeys(r["method"] for r in runs))
         for j, style in enumerate(STYLES):
-            secs = {r["method"]: r["seconds"] for r in runs if r["style"] == style}
+            secs = {r["method"]: r["seconds"] for r in runs if r["style"] == style and "seconds" in r}
             ax.bar([i + (j - 0.5) * 0.4 for i in range(len(names))], [secs.get(n, 0.0) for n in names], 0.4, label=style)
         ax.set_title("whole base-to-new run", fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
@@ -651,6 +651,9 @@ def markdown_table(results: dict) -> str:
              f"bf16 matmul {results['environment']['bf16_matmul']['flops_per_s'] / 1e12:.1f} TFLOP/s measured",
              "", "| method | batch | classes | style | images/s | step ms | peak MB | MFU |", "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in results["steps"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['batch']} | {r['classes']} | {r['style']} | error | | | |")
+            continue
         if r.get("oom"):
             lines.append(f"| {r['method']} | {r['batch']} | {r['classes']} | {r['style']} | OOM | | | |")
             continue
@@ -659,6 +662,9 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {r['method']} | {r['batch']} | {r['classes']} | {r['style']} | {r['images_per_s']:.1f} | "
                      f"{r['step_ms']:.2f} | {mem} | {mfu} |")
     for r in results.get("whole_runs") or []:
+        if "seconds" not in r:
+            lines.append(f"\nwhole run {r['method']} {r['style']}: {r.get('error')}")
+            continue
         mem = f"{r['peak_memory_bytes'] / 2**20:.0f} MB" if r.get("peak_memory_bytes") else "-"
         rate = f", {r['images_per_s']:.1f} images/s" if r.get("images_per_s") else ""
         lines.append(f"\nwhole run {r['method']} {r['style']}: {r['seconds']:.1f} s{rate}, peak {mem}")
@@ -676,7 +682,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--methods", nargs="+", default=None, help="methods (default: all five, each with and without dept+)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default 4 32 128)")
     p.add_argument("--classes", nargs="+", type=int, default=None, help="class counts (default 50 500 1000)")
-    p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES))
+    p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES),
+                   help="what to measure (default both; `--style official` alone: the baseline only)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
     p.add_argument("--compile", action="store_true",
                    help="fast path: torch.compile the encoder trunks (dynamic class count) for the images/s pass")
@@ -741,11 +748,12 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
                 for c in classes:
                     flops = None
                     for style in args.styles:
-                        rec = bench_step(clip_for(style), method, b, c, style, device=device, steps=steps,
-                                         warmup=grid["warmup"], feature_batch=grid["feature_batch"],
-                                         text_chunk_size=chunk, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                                         num_workers=grid["num_workers"], flops=flops, peak_rate=matmul["flops_per_s"],
-                                         repeats=grid["repeats"])
+                        rec = _guarded(args.smoke, {"method": method, "batch": b, "classes": c, "style": style},
+                                       bench_step, clip_for(style), method, b, c, style, device=device, steps=steps,
+                                       warmup=grid["warmup"], feature_batch=grid["feature_batch"],
+                                       text_chunk_size=chunk, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                                       num_workers=grid["num_workers"], flops=flops, peak_rate=matmul["flops_per_s"],
+                                       repeats=grid["repeats"])
                         flops = rec.get("model_flops_per_step", flops)
                         results["steps"].append(rec)
                         print(_one_line(rec), flush=True)
@@ -757,11 +765,13 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
         results["largest_batch"] = []
         for method in args.max_batch or ["dept+coop", "dept+maple"]:
             for style in args.styles:
-                rec = largest_batch(clip_for(style), method, max(classes), style, device=device,
-                                    feature_batch=grid["feature_batch"], text_chunk_size=chunk,
-                                    limit=8 if args.smoke else 4096, num_workers=grid["num_workers"])
+                rec = _guarded(args.smoke, {"method": method, "classes": max(classes), "style": style},
+                               largest_batch, clip_for(style), method, max(classes), style, device=device,
+                               feature_batch=grid["feature_batch"], text_chunk_size=chunk,
+                               limit=8 if args.smoke else 4096, num_workers=grid["num_workers"])
                 results["largest_batch"].append(rec)
-                print(f"largest batch {method} {style} C={max(classes)}: {rec['largest_batch']}", flush=True)
+                print(f"largest batch {method} {style} C={max(classes)}: {rec.get('largest_batch', rec.get('error'))}",
+                      flush=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     tag = "smoke" if args.smoke else results["environment"]["device"].replace(" ", "_")
     path = out / f"train_{tag}_{stamp}.json"
@@ -792,20 +802,40 @@ def _whole_runs(args, model: str, device: torch.device, chunk, *, smoke: bool) -
         root = write_synthetic_tree(tmp / "data", 2 * classes, shots, tests, size)
         for method in methods:
             for style in args.styles:
-                rec = whole_run(style, method, data_root=root, out=tmp / f"{style}_{method.replace('+', '_')}",
-                                model=model, device=device, shots=shots, epochs=epochs, batch=4, num_workers=workers,
-                                compile=args.compile, text_chunk_size=chunk, feature_cache_dir=tmp / "cache")
+                rec = _guarded(smoke, {"style": style, "method": method}, whole_run, style, method, data_root=root,
+                               out=tmp / f"{style}_{method.replace('+', '_')}", model=model, device=device,
+                               shots=shots, epochs=epochs, batch=4, num_workers=workers, compile=args.compile,
+                               text_chunk_size=chunk, feature_cache_dir=tmp / "cache")
                 rec.update(base_classes=classes, shots=shots, epochs=epochs, test_per_class=tests, batch=4,
                            train_images=classes * shots, test_images=2 * classes * tests)
-                # Whole-run throughput: every image the run processed (training views, test images) per second.
-                rec["images_per_s"] = (epochs * rec["train_images"] + rec["test_images"]) / rec["seconds"]
+                if "seconds" in rec:
+                    # Whole-run throughput: every image the run processed (training views, test images) per second.
+                    rec["images_per_s"] = (epochs * rec["train_images"] + rec["test_images"]) / rec["seconds"]
                 runs.append(rec)
-                print(f"whole run {method} {style}: {rec['seconds']:.1f} s", flush=True)
+                print(f"whole run {method} {style}: {rec.get('seconds', rec.get('error'))}", flush=True)
     return runs
+
+
+def _guarded(smoke: bool, record: dict, fn: Callable, *args, **kwargs) -> dict:
+    """fn's record; on a GPU run an unexpected error is recorded and the run goes on (one broken
+    configuration must not lose an hour of measurements). The smoke mode (CI) raises it."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - recorded in the JSON, with its type
+        if smoke:
+            raise
+        _reset_memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        return {**record, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+
+
+def _failed(r: Optional[dict]) -> bool:
+    return r is None or bool(r.get("oom")) or "error" in r
 
 
 def _one_line(r: dict) -> str:
     head = f"{r['method']:>12} B={r['batch']:<4} C={r['classes']:<5} {r['style']:>8}"
+    if "error" in r:
+        return head + "  ERROR " + r["error"]
     if r.get("oom"):
         return head + "  OOM"
     mfu = f" MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""

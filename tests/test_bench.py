@@ -121,6 +121,20 @@ def test_speedups_pair_styles_and_mark_oom():
             {"method": "coop", "batch": 4, "classes": 5, "style": "official", "images_per_s": 5.0},
             {"method": "coop", "batch": 8, "classes": 5, "style": "fast", "images_per_s": 40.0},
             {"method": "coop", "batch": 8, "classes": 5, "style": "official", "oom": True}]
+    recs += [{"method": "coop", "batch": 16, "classes": 5, "style": "fast", "error": "RuntimeError: boom"},
+             {"method": "coop", "batch": 16, "classes": 5, "style": "official", "images_per_s": 5.0}]
     rows = speedups(recs)
     assert rows[0]["speedup"] == pytest.approx(6.0)
     assert rows[1]["speedup"] is None and rows[1]["official_oom"] is True
+    assert rows[2]["speedup"] is None and rows[2]["official_oom"] is False
+
+
+def test_an_unexpected_error_is_recorded_on_full_runs_and_raised_in_smoke_mode():
+    from fastprompt.bench import _guarded
+
+    def broken(x):
+        raise KeyError(f"no {x}")
+
+    assert _guarded(False, {"method": "coop"}, broken, "y") == {"method": "coop", "error": "KeyError: 'no y'"}
+    with pytest.raises(KeyError):
+        _guarded(True, {}, broken, "y")

@@ -99,6 +99,28 @@ def test_chunked_text_encoding_equals_one_pass(clip, method, options):
         configure_text(model, chunk_size=0)
 
 
+def test_chunked_text_encoding_keeps_a_fraction_of_the_activations_for_backward(clip):
+    """The memory side of chunking (what lets ImageNet's 1000 classes fit): autograd keeps each
+    chunk's input instead of every layer's activations of every prompt."""
+    model = _model(clip, "coop", [f"class {i}" for i in range(40)])
+
+    def saved_bytes():
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model.forward_features(torch.randn(4, clip.embed_dim), torch.tensor([0, 1, 2, 3])).loss
+        loss.backward()
+        return total[0]
+
+    whole = saved_bytes()
+    configure_text(model, chunk_size=8)
+    assert saved_bytes() < whole / 10
+
+
 class _Source:
     """Synthetic uint8 training images of one size, as TrainImageCache holds them."""
 

@@ -11,6 +11,9 @@ needs the test images' features, which never change. Two exact speed-ups follow:
 * `EvalFeatureCache`: test-image features cached on disk per backbone fingerprint (model name,
   weights digest, dtype, precision, image size, normalisation) and per image file (path, size,
   mtime), so base and new classes of one test split, every epoch, seed and method share them.
+
+`configure_text` sets the text encoders' switches: chunked encoding (ImageNet-size class lists)
+and truncation (off only for the official-style baseline).
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes
 
-__all__ = ["uses_image_features", "EpochImageFeatures", "backbone_fingerprint", "EvalFeatureCache",
-           "features_accuracy"]
+__all__ = ["uses_image_features", "EpochImageFeatures", "backbone_fingerprint", "EvalFeatureCache", "encode_samples",
+           "features_accuracy", "text_encoders", "configure_text"]
 
 
 def uses_image_features(model: nn.Module) -> bool:

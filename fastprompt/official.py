@@ -27,8 +27,8 @@ from torchvision import transforms as T
 from .clip import ClipBundle, load_clip
 from .features import configure_text
 
-__all__ = ["official_clip", "build_official_model", "CpuAugmentDataset", "official_train_loader", "official_step",
-           "evaluate_official"]
+__all__ = ["official_clip", "build_official_model", "train_transform", "CpuAugmentDataset", "official_train_loader",
+           "official_step", "evaluate_official"]
 
 
 def official_clip(name: str, pretrained: Optional[str], device) -> ClipBundle:

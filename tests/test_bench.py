@@ -2,7 +2,6 @@
 `fastprompt bench train` works end to end in its CPU smoke mode (what CI runs)."""
 from __future__ import annotations
 
-import io
 import json
 import time
 

@@ -32,6 +32,7 @@ config sections and keys (configs/*.yaml set them; override any with key.sub=val
   optim.options.*       extra optimiser arguments (e.g. optim.name=adamw optim.options.betas=[0.9,0.99])
   train.epochs batch_size precision(fp32|bf16|fp16) compile device log_every checkpoint_every
         eval_batch_size num_workers progress
+        precompute_features feature_batch_size feature_cache text_chunk_size   (speed-ups, all exact)
   protocol.name         base2new | cross_dataset | domain_generalisation | few_shot | train_eval
   protocol.targets      target datasets (cross_dataset, domain_generalisation)
   protocol.shots        shot counts of the few_shot protocol ([1, 2, 4, 8, 16])

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="YAML config file, e.g. configs/base2new/dept_coop.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    train.add_argument("--overwrite", action="store_true",
+                       help="train from scratch even if output_dir holds an earlier run (its checkpoints and "
+                            "results are replaced); without it such a run is refused")
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its last checkpoint (same output_dir); the "
                             "result equals an uninterrupted run")
@@ -138,10 +141,24 @@ def _train(args) -> None:
     from . import distributed
 
     cfg = load_config(args.config, args.overrides)
+    if not (args.resume or args.overwrite):
+        _refuse_earlier_run(Path(cfg.output_dir))
     distributed.init_from_env(cfg.train.device)
     results = run_protocol(cfg, resume=args.resume)
     if distributed.is_main():
         _print_summary(results, Path(cfg.output_dir))
+
+
+def _refuse_earlier_run(out: Path) -> None:
+    """A plain `train` must not silently replace a run that is already there (nothing written is lost)."""
+    from .config import ConfigError
+
+    found = [p for p in (out / "results.json", *out.glob("**/checkpoints/latest")) if p.is_file()] if out.is_dir() else []
+    if found:
+        raise ConfigError(
+            f"output_dir {out} already holds a run ({found[0]}); continue it with --resume, train elsewhere with "
+            "output_dir=..., or start it again with --overwrite"
+        )
 
 
 def _eval(args) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import atomic_write_bytes
-from .config import Config, check_method_options, config_to_dict, save_config
+from .config import Config, ConfigError, check_method_options, config_to_dict, save_config
 from .features import (EvalFeatureCache, backbone_fingerprint, configure_text, encode_samples, features_accuracy,
                        uses_image_features)
 from .train import RunLogger, autocast_context, fit, load_trained, resolve_device, seed_everything
@@ -144,6 +144,8 @@ class Session:
         # process, so `fastprompt eval` and `--resume` load trained prompts into the same CLIP.
         clip = load_clip(cfg.model.name, cfg.model.pretrained, dtype=cfg.model.dtype, device=device)
         out = Path(cfg.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir: {out} exists and is not a folder; choose another output_dir=...")
         out.mkdir(parents=True, exist_ok=True)
         # config.yaml records how the run was trained: `--resume` and `fastprompt eval` keep it as is.
         if distributed.is_main() and ((train and not resume) or not (out / "config.yaml").exists()):

@@ -17,7 +17,14 @@ def load_results(run_dirs: list[str | Path]) -> list[dict]:
         path = Path(run_dir) / "results.json" if Path(run_dir).is_dir() else Path(run_dir)
         if not path.is_file():
             raise FileNotFoundError(f"no results.json in {run_dir}: run `fastprompt train` there first")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); rerun `fastprompt eval {path.parent}` to "
+                             "write it again from the run's checkpoints") from None
+        if not isinstance(data, dict) or "protocol" not in data:
+            raise ValueError(f"{path} is not a fastprompt results.json (no 'protocol'); pass run folders "
+                             "written by `fastprompt train`")
         data["_run_dir"] = str(path.parent)
         results.append(data)
     return results

@@ -62,6 +62,6 @@ def load_rgb(path: str, draft_short_side: int | None = None) -> Image.Image:
                     img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
             return img.convert("RGB")  # convert() forces the full decode, so errors surface here
     except FileNotFoundError:
-        raise DatasetError(f"image file {path!r} does not exist") from None
+        raise DatasetError(f"image file {path!r} does not exist" "; replace or remove the file, or set data.allow_corrupt=true to skip unreadable images (they are logged)") from None
     except DECODE_ERRORS as exc:
-        raise DatasetError(f"cannot decode image {path!r}: {type(exc).__name__}: {exc}") from exc
+        raise DatasetError(f"cannot decode image {path!r}: {type(exc).__name__}: {exc}" "; replace or remove the file, or set data.allow_corrupt=true to skip unreadable images (they are logged)") from exc

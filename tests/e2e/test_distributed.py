@@ -94,3 +94,26 @@ def test_single_process_helpers_are_identities():
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap_ddp(model, torch.device("cpu")) is model
     assert not distributed.init_from_env("cpu")  # no WORLD_SIZE: nothing to join
+
+
+def test_every_method_gives_every_trainable_a_gradient():
+    # wrap_ddp runs DDP without find_unused_parameters (no per-step graph walk); that is only right
+    # if every trainable parameter takes part in every training step, for every method.
+    from fastprompt.clip import load_clip
+    from fastprompt.methods import METHOD_NAMES, build_model, method_defaults
+
+    clip = load_clip("fastprompt-tiny", None, dtype="fp32", device="cpu")
+    checked = 0
+    for name in METHOD_NAMES:
+        options = method_defaults(name)
+        if "depth" in options:
+            options["depth"] = 2  # the tiny model has 3 layers
+        model = build_model(name, clip, ["cat", "dog", "fox"], **options).train()
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            continue  # zero-shot CLIP: nothing to wrap
+        images = torch.randn(2, 3, clip.image_size, clip.image_size)
+        model(images, torch.tensor([0, 2])).loss.backward()
+        assert [n for n, p in trainable if p.grad is None] == [], name
+        checked += 1
+    assert checked == len(METHOD_NAMES) - 1  # all but zsclip (dept+zsclip trains its CAT head)

@@ -195,8 +195,9 @@ def _bench(args) -> None:
 
 
 def _sweep(args) -> None:
+    from . import distributed
     from .report import load_results, markdown_table
-    from .sweep import emit_commands, load_sweep, run_sweep
+    from .sweep import emit_commands, expand, load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep_file, args.overrides)
     if args.emit_commands:
@@ -205,7 +206,11 @@ def _sweep(args) -> None:
         print(f"# {len(lines)} runs; when they are done, `fastprompt sweep {args.sweep_file}` writes the table",
               file=sys.stderr)
         return
+    runs = expand(sweep)
+    distributed.init_from_env(runs[0].config().train.device)  # under torchrun: every run uses all ranks
     rows, md = run_sweep(sweep)
+    if not distributed.is_main():
+        return
     print("\n" + markdown_table(load_results([r["output_dir"] for r in rows])))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ran", "resumed", "finished")}
     print(f"{len(rows)} run folders: {counts['ran']} ran, {counts['resumed']} resumed, {counts['finished']} already "

@@ -228,10 +228,13 @@ def _complete(out: Path, seeds: list[int]) -> bool:
 def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list[dict], Optional[Path]]:
     """Run (or skip, or resume) every run; write each results.json and the report. Returns the
     per-folder status rows and the report path."""
+    from . import distributed
     from .evaluate import run_protocol
     from .report import write_report
 
     runs = expand(sweep)
+    if not distributed.is_main():
+        say = _silent  # under torchrun every rank runs each protocol; rank 0 reports and writes
     rows = []
     for i, run in enumerate(runs, 1):
         out = Path(run.output_dir)
@@ -244,10 +247,18 @@ def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list
         say(f"{label}: {'resuming' if resuming else 'running'} seeds {run.seeds} in {out}")
         cfg = run.config()
         run_protocol(cfg, resume=True, say=lambda m: say("    " + m))
-        save_config(cfg, out / "config.yaml")  # the whole seed list, for `fastprompt eval`
+        if distributed.is_main():
+            save_config(cfg, out / "config.yaml")  # the whole seed list, for `fastprompt eval`
         rows.append({"method": run.method, "dataset": run.dataset, "status": "resumed" if resuming else "ran",
                      "output_dir": str(out)})
     report_dir = Path(sweep.report_dir.format(protocol=sweep.protocol)) if sweep.report_dir else \
         Path(runs[0].output_dir).parent.parent
-    md, _ = write_report([r["output_dir"] for r in rows], report_dir)
+    md = report_dir / "report.md"
+    if distributed.is_main():
+        md, _ = write_report([r["output_dir"] for r in rows], report_dir)
+    distributed.barrier()
     return rows, md
+
+
+def _silent(message: str) -> None:
+    pass

@@ -117,3 +117,48 @@ def test_every_method_gives_every_trainable_a_gradient():
         assert [n for n, p in trainable if p.grad is None] == [], name
         checked += 1
     assert checked == len(METHOD_NAMES) - 1  # all but zsclip (dept+zsclip trains its CAT head)
+
+
+def test_sigterm_to_torchrun_saves_once_and_resumes_to_the_single_process_result(tmp_path, digits_root, fast):
+    """A preempted multi-process job: torchrun forwards SIGTERM, every rank stops at the same step,
+    rank 0 checkpoints that point, and the resumed job ends where one process does."""
+    import signal
+    import time
+
+    from fastprompt.evaluate import run_protocol
+
+    # 20 images at batch 2: 10 steps per epoch, 4 epochs; one metrics line per step.
+    overrides = [*fast, f"data.root={digits_root}", "data.shots=4", "train.batch_size=2", "train.epochs=4",
+                 "train.log_every=1", "optim.lr=0.01"]
+    single = tmp_path / "single"
+    run_protocol(load_config(None, [*overrides, f"output_dir={single}"]), say=lambda m: None)
+
+    ddp = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastprompt", "train",
+           str(REPO / "configs" / "demo.yaml"), *overrides, f"output_dir={ddp}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = ddp / "seed1" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and sum(1 for _ in open(metrics)) >= 14:  # inside epoch 2
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("SIGTERM received: saved checkpoint") == 1, err[-3000:]  # rank 0 reports once
+    state = json.loads((ddp / "seed1" / "checkpoints" / (ddp / "seed1" / "checkpoints" / "latest").read_text()
+                        / "state.json").read_text())
+    assert 10 < state["step"] < 40 and state["world_size"] == 2
+    assert not (ddp / "results.json").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = _weights(single), _weights(ddp)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
+    a = json.loads((single / "results.json").read_text())
+    b = json.loads((ddp / "results.json").read_text())
+    assert b["runs"][0]["train"]["epoch_losses"] == pytest.approx(a["runs"][0]["train"]["epoch_losses"], abs=1e-5)

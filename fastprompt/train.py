@@ -377,9 +377,9 @@ def fit(
             set_epoch_lr(optimizer, epoch, epochs=tcfg.epochs, cfg=ocfg)
             order = torch.randperm(num_samples, generator=epoch_generator(seed, epoch, torch.device("cpu")))
             aug_gen = epoch_generator(seed, epoch, device)
-            # Sums of the finite losses and their count (this rank); `bad` counts non-finite losses.
+            # The sum of the finite losses and their count (this rank); steps minus count = inf/NaN losses.
             loss_sum = torch.zeros((), device=device)
-            good, bad = torch.zeros((), device=device), torch.zeros((), device=device)
+            good = torch.zeros((), device=device)
             first = 0
             if epoch == start_epoch and skip_batches:
                 first = skip_batches
@@ -427,12 +427,11 @@ def fit(
                 finite = torch.isfinite(loss.detach())
                 loss_sum += torch.where(finite, loss.detach().float(), 0.0)
                 good += finite
-                bad += ~finite
                 step += 1
                 images_seen += bs
                 progress.update(bs)
                 if step % tcfg.log_every == 0:
-                    _stop_if_diverged(bad, scaler, epoch, step)
+                    _stop_if_diverged(good, i + 1, scaler, epoch, step)
                     step_loss = float(distributed.all_reduce_sum(loss.detach().float().clone())) / distributed.world_size()
                     rate = images_seen / max(time.perf_counter() - t0, 1e-9)
                     record = {"event": "train", "seed": seed, "epoch": epoch, "step": step,
@@ -441,14 +440,14 @@ def fit(
                     logger.metrics(record)
                 if i + 1 < per_epoch and distributed.any_rank(stop.requested is not None):
                     # SIGTERM/SIGINT inside an epoch: checkpoint this exact point, then leave.
-                    _stop_if_diverged(bad, scaler, epoch, step)
+                    _stop_if_diverged(good, i + 1, scaler, epoch, step)
                     world = distributed.world_size()
                     partial = {"sum": float(distributed.all_reduce_sum(loss_sum.clone())) / world,
                                "count": float(distributed.all_reduce_sum(good.clone())) / world}
                     path = save(epoch, step, epoch_losses, batch_in_epoch=i + 1, partial_loss=partial,
                                 aug_state=features.generator_state_after(i) if features else aug_gen.get_state())
                     raise TrainingInterrupted(stop.requested or signal.SIGTERM, path)
-            _stop_if_diverged(bad, scaler, epoch, step)
+            _stop_if_diverged(good, per_epoch, scaler, epoch, step)
             count = float(distributed.all_reduce_sum(good))
             if count == 0:
                 raise FloatingPointError(
@@ -456,7 +455,7 @@ def fit(
                     "a lower optim.lr or optim.grad_clip=1.0 (the last good checkpoint is kept)"
                 )
             epoch_loss = float(distributed.all_reduce_sum(loss_sum)) / count
-            skipped = int(distributed.all_reduce_sum(bad))
+            skipped = round(per_epoch * distributed.world_size() - count)
             if skipped:
                 logger.info(f"epoch {epoch + 1}: {skipped} fp16 step(s) with an inf/NaN loss were skipped by the GradScaler")
             epoch_losses.append(epoch_loss)
@@ -563,11 +562,12 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _stop_if_diverged(bad: torch.Tensor, scaler, epoch: int, step: int) -> None:
+def _stop_if_diverged(good: torch.Tensor, done: int, scaler, epoch: int, step: int) -> None:
     """Without a GradScaler an inf/NaN loss ends the run before anything is saved from it."""
     if scaler is not None:
         return  # fp16: the GradScaler skips those steps and lowers its scale
-    if float(distributed.all_reduce_sum(bad.clone())) > 0:
+    # `done` batches of this epoch ran on every rank; fewer finite losses than that means inf/NaN.
+    if float(distributed.all_reduce_sum(good.clone())) < done * distributed.world_size():
         raise FloatingPointError(_diverged_message(epoch, step))
 
 

@@ -82,7 +82,8 @@ def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fa
     say(f"throughput: training {train_rate:.1f} images/s, evaluation {eval_rate:.1f} images/s "
         f"on {results['device']}; whole demo {wall:.0f} s\n")
     say(f"run folder: {out}")
-    say("  config.yaml        the resolved config (rerun it: fastprompt train " + str(out / "config.yaml") + ")")
+    say("  config.yaml        the resolved config (rerun it: fastprompt train " + str(out / "config.yaml")
+        + " --overwrite)")
     say("  results.json       per-seed and averaged Base / New / HM")
     say(f"  report.md, chart.png   the table and the chart ({chart})")
     say(f"  {seed_dir.name}/train.log, {seed_dir.name}/metrics.jsonl   log and per-step metrics")

@@ -347,7 +347,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the config as YAML; atomically, so a kill mid-write never leaves a truncated file."""
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 
 def _check_values(cfg: Config) -> None:

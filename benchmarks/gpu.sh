@@ -45,6 +45,9 @@ $PY -m fastprompt bench train --out "$RESULTS" || status=1
 step "train bench, fast path compiled (dynamic class count) + CUDA graphs"
 $PY -m fastprompt bench train --out "$RESULTS" --styles fast --compile --cuda-graphs || status=1
 
+step "prompted image encoder alone (MaPLe, DPL): forward + backward at batch 128, MFU"
+$PY -m fastprompt bench train --out "$RESULTS" --no-steps --batches 128 --vision-mfu maple dpl dept+maple || status=1
+
 step "largest batch that fits on this GPU at 1000 classes (ImageNet), both styles"
 $PY -m fastprompt bench train --out "$RESULTS" --no-steps --classes 1000 --max-batch coop dept+coop maple dept+maple || status=1
 

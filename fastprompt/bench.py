@@ -139,7 +139,8 @@ def _reset_memory(device: torch.device) -> None:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # older torch: cuda's only
+    return isinstance(err, oom_type) or "out of memory" in str(err).lower()
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -421,6 +422,43 @@ def _text_rows(method: str, batch: int, classes: int) -> int:
     return batch * classes if method.endswith("cocoop") else classes
 
 
+def vision_mfu(clip, method: str, batch: int, *, device: torch.device, steps: int, peak_rate: float) -> dict:
+    """The prompted image encoder alone (MaPLe, DPL): forward + backward into its prompts at `batch`,
+    bf16 autocast; its FLOPs (flop counter) over its median time against the measured bf16 rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .methods import build_model
+
+    torch.manual_seed(0)
+    model = build_model(method, clip, class_names(2), **method_options(method, clip)).to(device).train()
+    if not getattr(model, "image_prompted", False):
+        raise ValueError(f"{method} does not prompt the image encoder")
+    images = torch.randn(batch, 3, clip.image_size, clip.image_size, device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            features = model.encode_images(images)
+        features.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = float(counter.get_total_flops())
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return {"method": method, "batch": batch, "flops": flops, "step_ms": 1e3 * seconds,
+            "images_per_s": batch / seconds, "mfu": flops / seconds / peak_rate, "steps": steps}
+
+
 def largest_batch(clip, method: str, classes: int, style: str, *, device: torch.device, feature_batch: int,
                   text_chunk_size: Optional[int], limit: int = 4096, num_workers: int = 0) -> dict:
     """The largest batch (doubling, then bisection) for which two training steps fit in memory."""
@@ -652,7 +690,10 @@ def draw_bench_chart(results: dict, path: str | Path) -> Path:
 def markdown_table(results: dict) -> str:
     lines = [f"Device: {results['environment']['device']}; model {results['config']['model']}; "
              f"bf16 matmul {results['environment']['bf16_matmul']['flops_per_s'] / 1e12:.1f} TFLOP/s measured",
-             "", "| method | batch | classes | style | images/s | step ms | peak MB | MFU |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+             ""]
+    if results["steps"]:
+        lines += ["| method | batch | classes | style | images/s | step ms | peak MB | MFU |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in results["steps"]:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['batch']} | {r['classes']} | {r['style']} | error | | | |")
@@ -664,6 +705,10 @@ def markdown_table(results: dict) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         lines.append(f"| {r['method']} | {r['batch']} | {r['classes']} | {r['style']} | {r['images_per_s']:.1f} | "
                      f"{r['step_ms']:.2f} | {mem} | {mfu} |")
+    for r in results.get("vision_mfu") or []:
+        if "mfu" in r:
+            lines.append(f"\nvision forward+backward {r['method']} batch {r['batch']}: {r['step_ms']:.2f} ms, "
+                         f"MFU {100 * r['mfu']:.1f}%")
     for r in results.get("whole_runs") or []:
         if "seconds" not in r:
             lines.append(f"\nwhole run {r['method']} {r['style']}: {r.get('error')}")
@@ -703,6 +748,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--run-test-per-class", type=int, default=None, help="test images per class (default 50; smoke 2)")
     p.add_argument("--max-batch", nargs="*", default=None, metavar="METHOD",
                    help="largest batch that fits, both styles, at the largest class count (GPU)")
+    p.add_argument("--vision-mfu", nargs="*", default=None, metavar="METHOD",
+                   help="MFU of the prompted image encoder's forward+backward alone at the largest batch "
+                        "(default maple dpl)")
     return p
 
 
@@ -764,6 +812,14 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
     if args.run is not None:
         clips.clear()  # each run loads its own backbone; free the grid's before measuring peak memory
         results["whole_runs"] = _whole_runs(args, model, device, chunk, smoke=args.smoke)
+    if args.vision_mfu is not None:
+        batch = max(batches)
+        results["vision_mfu"] = []
+        for method in args.vision_mfu or ["maple", "dpl"]:
+            rec = _guarded(args.smoke, {"method": method, "batch": batch}, vision_mfu, clip_for("fast"), method, batch,
+                           device=device, steps=steps, peak_rate=matmul["flops_per_s"])
+            results["vision_mfu"].append(rec)
+            print(f"vision forward+backward {method} B={batch}: MFU {rec.get('mfu', rec.get('error'))}", flush=True)
     if args.max_batch is not None:
         results["largest_batch"] = []
         for method in args.max_batch or ["dept+coop", "dept+maple"]:

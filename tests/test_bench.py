@@ -91,7 +91,8 @@ def test_stepper_trains_and_counts_model_flops(style):
 
 
 def test_bench_train_smoke_writes_json_chart_and_report(tmp_path, capsys):
-    path = main(["--smoke", "--out", str(tmp_path), "--run", "dept+coop", "--max-batch", "dept+coop"])
+    path = main(["--smoke", "--out", str(tmp_path), "--run", "dept+coop", "--max-batch", "dept+coop",
+                 "--vision-mfu", "maple"])
     result = json.loads(path.read_text())
     env, cfg = result["environment"], result["config"]
     assert result["benchmark"] == "train" and cfg["mode"] == "smoke" and cfg["model"] == TINY_MODEL
@@ -108,6 +109,8 @@ def test_bench_train_smoke_writes_json_chart_and_report(tmp_path, capsys):
     assert [(r["method"], r["style"]) for r in runs] == [("dept+coop", "fast"), ("dept+coop", "official")]
     assert all(r["seconds"] > 0 and 0 <= r["accuracy"]["base"] <= 100 for r in runs)
     assert [r["largest_batch"] for r in result["largest_batch"]] == [8, 8]  # CPU: the smoke search's cap
+    (vision,) = result["vision_mfu"]
+    assert vision["method"] == "maple" and vision["batch"] == 4 and vision["flops"] > 0 and vision["mfu"] > 0
     png = path.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png.unlink()

@@ -3,7 +3,7 @@
 # First, where PyPI is reachable: `bash benchmarks/fetch_gpu_wheels.sh` (fills .whl/). Then from
 # the repo root on the GPU machine (device tool: carry [".whl"]):
 #     bash benchmarks/gpu.sh              every stage, in order (longer than one 10-minute device call)
-#     bash benchmarks/gpu.sh STAGE...     some stages; one device call each fits the limit:
+#     bash benchmarks/gpu.sh STAGE...     some stages (one or two per device call; none timed on a GPU yet):
 #         cat_head  attention  train_tests  train_grid  train_compiled  vision_mfu  max_batch  whole_runs
 #     (TRAIN_GRID_ARGS="--methods dept+coop dept+maple" narrows the grid; RUN_EPOCHS=1 shortens whole_runs)
 # Results land in benchmarks/results/ (and in $OUT when the device tool sets it); commit them here.

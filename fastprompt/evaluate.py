@@ -142,7 +142,13 @@ class Session:
         say(f"loading CLIP {cfg.model.name} (weights: {cfg.model.pretrained or 'random init'}) on {device}")
         # Random weights (pretrained=null) come from load_clip's fixed seed: the same backbone in every
         # process, so `fastprompt eval` and `--resume` load trained prompts into the same CLIP.
+        # Under torchrun rank 0 loads first, so a pretrained tag is downloaded (and cached) once, not
+        # by every rank into the same cache at the same time.
+        if not distributed.is_main():
+            distributed.barrier()
         clip = load_clip(cfg.model.name, cfg.model.pretrained, dtype=cfg.model.dtype, device=device)
+        if distributed.is_main():
+            distributed.barrier()
         out = Path(cfg.output_dir)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} exists and is not a folder; choose another output_dir=...")

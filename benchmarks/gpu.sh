@@ -12,6 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 ALL_STAGES=(cat_head attention train_tests train_grid train_compiled vision_mfu max_batch whole_runs)
 STAGES=("${@:-${ALL_STAGES[@]}}")

@@ -14,6 +14,16 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    # The test models are tiny: with two test workers sharing 2 cores, a second intra-op thread
+    # only spins. One thread per worker keeps the suite fast and its timings stable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     # Fresh but reproducible random inputs in every test.
     torch.manual_seed(0)

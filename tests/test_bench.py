@@ -15,14 +15,6 @@ from fastprompt.methods import build_model
 from fastprompt.official import CpuAugmentDataset, build_official_model, official_clip, train_transform
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_official_style_model_is_fastprompts_model_in_fp16_at_77_tokens():
     torch.manual_seed(0)
     clip32 = load_clip(TINY_MODEL, None)

@@ -20,14 +20,6 @@ from fastprompt.train import fit
 NAMES = ["cat", "sea lion", "golden retriever dog", "fire truck", "a", "hot air balloon", "tree"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)

@@ -14,18 +14,6 @@ FAST = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.dataset=ima
         "train.device=cpu", "train.num_workers=0", "train.progress=false", "optim.lr=0.05"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny model's ops are small: with test workers sharing 2 cores, a second OpenMP thread
-    # only spins. One thread keeps these tests fast and their timing stable.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     from fastprompt.data import write_digits_imagefolder

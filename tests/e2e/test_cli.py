@@ -81,7 +81,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, digits_root, fast)
 
     resumed = subprocess.run(args + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in (killed_dir / "seed1" / "train.log").read_text()
+    assert "resumed from" in (killed_dir / "seed1" / "train.log").read_text()
     want, got = _final_weights(straight_dir), _final_weights(killed_dir)
     assert set(want) == set(got)
     for key in want:

@@ -9,7 +9,7 @@ import yaml
 
 from fastprompt.cli import main
 from fastprompt.config import ConfigError
-from fastprompt.sweep import emit_commands, expand, load_sweep, run_sweep
+from fastprompt.sweep import emit_commands, expand, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.shots=2", "data.crop_scale=[0.9,1.0]",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import shutil
 import subprocess
 import sys
 

@@ -25,10 +25,7 @@ backward 2.5x that), the peers' time over ours, and the measured device-to-devic
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -44,6 +41,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastprompt.kernels import reference  # noqa: E402
 from fastprompt.kernels.decoupled_attention import decoupled_attention as fused_decoupled_attention  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
+from result_files import run_header, write_report  # noqa: E402
 
 MODES = ("forward", "backward", "both")
 ROTATE = 2
@@ -287,12 +287,6 @@ def run(smoke, device, dtype):
     return rows, skipped_all
 
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
-
-
 def format_table(rows, copy_gbs) -> str:
     def f(v, spec):
         return format(v, spec) if v is not None else "-"
@@ -323,21 +317,12 @@ def main(argv=None) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         parser.error("no GPU here: only --smoke runs on the CPU (the Triton interpreter is far too slow to time)")
-    import triton
-
     # The interpreter has no bf16: the smoke mode runs float32.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     copy_gbs = copy_bandwidth_gbs(device)
     rows, skipped = run(args.smoke, device, dtype)
-    stamp = datetime.datetime.now(datetime.timezone.utc)
     report = {
-        "benchmark": "decoupled_attention",
-        "mode": "smoke (CPU, Triton interpreter: not a speed measurement)" if args.smoke else "gpu",
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": sys.version.split()[0],
-        "date": stamp.isoformat(timespec="seconds"),
+        **run_header("decoupled_attention", device, args.smoke),
         "dtype": str(dtype),
         "fixed_c": FIXED_C,
         "copy_bandwidth_GBps": copy_gbs,
@@ -349,10 +334,7 @@ def main(argv=None) -> Path:
         "flops": "forward 4*D per visible score entry, backward 2.5x forward",
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "smoke_cpu" if args.smoke else torch.cuda.get_device_name(device).replace(" ", "_").lower()
-    path = args.out / f"decoupled_attention_{slug}_{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report(report, args.out, device, args.smoke)
     print(f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {dtype}")
     print(format_table(rows, copy_gbs))
     for name, why in skipped.items():

@@ -18,10 +18,7 @@ rotate among 4 sets so repeated calls do not just re-read one buffer from cache.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -36,6 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastprompt.kernels import cat_head, reference  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
+from result_files import run_header, write_report  # noqa: E402
 
 GPU_BATCHES = (4, 32, 256, 1024)
 GPU_CLASSES = (5, 51, 500, 1000)
@@ -219,12 +219,6 @@ def run(smoke: bool, device: torch.device):
     return rows, skipped, d, dtype
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
-
-
 def format_table(rows) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     by_shape = {}
@@ -263,18 +257,9 @@ def main(argv=None) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         parser.error("no GPU here: only --smoke runs on the CPU (the Triton interpreter is far too slow to time)")
-    import triton
-
     rows, skipped, d, dtype = run(args.smoke, device)
-    stamp = datetime.datetime.now(datetime.timezone.utc)
     report = {
-        "benchmark": "cat_head_loss",
-        "mode": "smoke (CPU, Triton interpreter: not a speed measurement)" if args.smoke else "gpu",
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": sys.version.split()[0],
-        "date": stamp.isoformat(timespec="seconds"),
+        **run_header("cat_head_loss", device, args.smoke),
         "dtype": str(dtype),
         "d": d,
         "lam": LAM,
@@ -285,10 +270,7 @@ def main(argv=None) -> Path:
                   else "median ms of host timings (5 runs after two warm-ups)",
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "smoke_cpu" if args.smoke else torch.cuda.get_device_name(device).replace(" ", "_").lower()
-    path = args.out / f"cat_head_{slug}_{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report(report, args.out, device, args.smoke)
     print(f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {dtype}, d={d}, lam={LAM}")
     print(format_table(rows))
     for name, why in skipped.items():

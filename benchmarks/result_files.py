@@ -1,0 +1,41 @@
+"""What every kernel benchmark table records about its run, and where it writes it."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+
+
+def run_header(benchmark: str, device: torch.device, smoke: bool) -> dict:
+    """benchmark, mode, device, versions and date (UTC) for the top of a result JSON."""
+    import triton
+
+    return {
+        "benchmark": benchmark,
+        "mode": "smoke (CPU, Triton interpreter: not a speed measurement)" if smoke else "gpu",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_report(report: dict, out_dir: Path, device: torch.device, smoke: bool) -> Path:
+    """<out_dir>/<benchmark>_<device or smoke_cpu>_<UTC stamp>.json"""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "smoke_cpu" if smoke else torch.cuda.get_device_name(device).replace(" ", "_").lower()
+    stamp = datetime.datetime.fromisoformat(report["date"]).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"{report['benchmark']}_{slug}_{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

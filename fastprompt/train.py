@@ -171,14 +171,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 def epoch_lr(base_lr: float, epoch: int, *, epochs: int, cfg: OptimConfig) -> float:
     """Learning rate of 0-based `epoch`, as Dassl's ConstantWarmupScheduler over CosineAnnealingLR.
 
-    Warm-up epochs run at the constant warmup_lr; afterwards the cosine continues from where it
-    would be at that epoch (T_max = epochs), so the warm-up replaces the cosine's first epochs.
+    Warm-up epochs run at the constant warmup_lr. Dassl steps the cosine successor (T_max = epochs)
+    only once the warm-up is over, so the first epoch after it runs at the full lr and epoch e at
+    cos(pi (e - warmup_epochs) / epochs): the warm-up delays the cosine, it does not replace its start.
     """
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr
     if cfg.scheduler == "constant":
         return base_lr
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / epochs))
 
 
 def set_epoch_lr(optimizer: torch.optim.Optimizer, epoch: int, *, epochs: int, cfg: OptimConfig) -> None:

@@ -1,6 +1,5 @@
 """The training loop's mechanics on a small stand-alone model: schedule, optimiser groups,
 loss going down, and resume-after-crash reproducing the uninterrupted run bit for bit."""
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -54,9 +53,19 @@ def _cfg(tmp_path, *extra):
 def test_epoch_lr_matches_dassl_constant_warmup_cosine():
     cfg = load_config().optim
     lrs = [epoch_lr(0.0035, e, epochs=10, cfg=cfg) for e in range(10)]
-    assert lrs[0] == 1e-5  # the warm-up epoch
-    for e in range(1, 10):  # then the cosine at epoch e of T_max=10 (its value at 0 is never used)
-        assert lrs[e] == pytest.approx(0.0035 * 0.5 * (1 + math.cos(math.pi * e / 10)))
+    # Dassl's wrapper: constant warm-up, then torch's CosineAnnealingLR(T_max=10), which is stepped
+    # only after the warm-up epoch (so its first value, the full lr, is used once).
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0035)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    expected = []
+    for e in range(10):
+        if e < cfg.warmup_epochs:
+            expected.append(cfg.warmup_lr)
+        else:
+            expected.append(cosine.get_last_lr()[0])
+            cosine.step()
+    assert lrs[0] == 1e-5 and lrs[1] == pytest.approx(0.0035)
+    assert lrs == pytest.approx(expected, rel=1e-12)
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
 
 

@@ -392,15 +392,16 @@ def _check_values(cfg: Config) -> None:
 def check_method_options(cfg: Config, method_names: typing.Sequence[str], defaults: dict) -> dict:
     """Validate `method.name` and `method.options` against the method registry's defaults.
 
-    Returns the full option set (defaults overridden by the config). Each option takes the type of
-    its published default (None defaults accept anything).
+    Returns the options the config sets, checked and coerced to the type of their published default
+    (None defaults accept anything). The defaults themselves, and the rules between options (a
+    `ctx_init` phrase sets `n_ctx`), are applied once, by `fastprompt.methods.build_model`.
     """
     name = cfg.method.name
     if name not in method_names:
         close = difflib.get_close_matches(name, list(method_names), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"method.name: unknown method '{name}'{hint} (known: {', '.join(method_names)})")
-    resolved = dict(defaults)
+    resolved = {}
     for key, value in cfg.method.options.items():
         full = f"method.options.{key}"
         if key not in defaults:

@@ -106,7 +106,7 @@ def test_method_options_checked_against_defaults():
     defaults = {"n_ctx": 16, "ctx_init": None, "lam": 0.7}
     cfg = load_config(None, ["method.name=coop", "method.options.n_ctx=4", "method.options.lam=1"])
     resolved = check_method_options(cfg, ["coop", "dept+coop"], defaults)
-    assert resolved == {"n_ctx": 4, "ctx_init": None, "lam": 1.0} and isinstance(resolved["lam"], float)
+    assert resolved == {"n_ctx": 4, "lam": 1.0} and isinstance(resolved["lam"], float)
     with pytest.raises(ConfigError, match=r"'method.options.n_cxt'.*did you mean 'method.options.n_ctx'"):
         check_method_options(load_config(None, ["method.options.n_cxt=4"]), ["dept+coop"], defaults)
     with pytest.raises(ConfigError, match=r"method.options.n_ctx: expected int, got 'many'"):
@@ -134,3 +134,14 @@ def test_every_shipped_config_loads_and_names_real_options():
             assert (cfg.train.batch_size, cfg.optim.lr) == ((1, 0.002) if cocoop else (4, 0.0035)), path
     trained = {p.stem for p in (Path(__file__).parents[1] / "configs" / "base2new").glob("*.yaml")}
     assert {m.replace("+", "_") for m in METHOD_NAMES} <= trained  # every method has its config
+
+
+def test_ctx_init_from_the_config_sets_the_context_length():
+    """The config path leaves the defaults and the ctx_init -> n_ctx rule to build_model."""
+    from fastprompt.clip import TINY_MODEL, load_clip
+    from fastprompt.methods import METHOD_NAMES, build_model, method_defaults
+
+    cfg = load_config(None, ["method.name=coop", "method.options.ctx_init=a photo of a"])
+    options = check_method_options(cfg, METHOD_NAMES, method_defaults("coop"))
+    model = build_model("coop", load_clip(TINY_MODEL), ["cat", "dog"], **options)
+    assert model.text_prompts.n_ctx == 4

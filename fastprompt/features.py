@@ -149,19 +149,28 @@ class EvalFeatureCache:
                 keys.append(_file_key(s.path))
             except OSError:
                 keys.append(None)  # unreadable: the encoder decides (error, or skip with allow_corrupt)
-        missing = [i for i, k in enumerate(keys) if k is None or k not in store["keys"]]
-        if missing:
+        # Encode each new file once (a test list may repeat a path); unreadable files (no key) still go
+        # to the encoder, which raises or, with allow_corrupt, skips them, and are never stored.
+        todo, queued = [], set()
+        for i, k in enumerate(keys):
+            if k is None or (k not in store["keys"] and k not in queued):
+                todo.append(i)
+                if k is not None:
+                    queued.add(k)
+        if todo:
             new_rows, new_keys = [], []
-            for feats, idx in encode([samples[i] for i in missing]):
-                new_rows.append(feats.detach().to("cpu"))
-                new_keys += [keys[missing[j]] for j in idx.tolist()]
+            for feats, idx in encode([samples[i] for i in todo]):
+                batch_keys = [keys[todo[j]] for j in idx.tolist()]
+                keep = [p for p, k in enumerate(batch_keys) if k is not None]
+                new_rows.append(feats.detach().to("cpu")[keep])
+                new_keys += [batch_keys[p] for p in keep]
             self.encoded += len(new_keys)
-            if new_rows:
+            if new_keys:
                 added = torch.cat(new_rows)
                 old = store["features"]
+                base = 0 if old is None else old.shape[0]
                 store["features"] = added if old is None else torch.cat([old, added.to(old.dtype)])
-                base = len(store["keys"])
-                store["keys"].update({k: base + j for j, k in enumerate(new_keys) if k is not None})
+                store["keys"].update({k: base + j for j, k in enumerate(new_keys)})
                 self.root.mkdir(parents=True, exist_ok=True)
                 ordered = sorted(store["keys"], key=store["keys"].get)
                 atomic_write_bytes(path, st_save({"features": store["features"].contiguous()},

@@ -308,3 +308,33 @@ def test_fit_with_compile_matches_eager_and_new_classes_reuse_the_compiled_code(
                                        rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+def test_eval_feature_cache_with_repeated_paths(tmp_path):
+    """A test list that repeats an image must not shift later features onto the wrong images."""
+    from fastprompt.data import Sample
+    from fastprompt.features import EvalFeatureCache
+
+    paths = {}
+    for name in "abcd":
+        paths[name] = tmp_path / "imgs" / f"{name}.png"
+        paths[name].parent.mkdir(exist_ok=True)
+        paths[name].write_bytes(name.encode())
+    value = {str(p): float(i) for i, p in enumerate(paths.values())}  # the "feature" of each file
+
+    def encode(samples):  # two batches, each with its sample indices, like encode_samples
+        for start in range(0, len(samples), 2):
+            idx = torch.arange(start, min(start + 2, len(samples)))
+            yield torch.tensor([[value[samples[i].path]] for i in idx.tolist()]), idx
+
+    def samples(names):
+        return [Sample(str(paths[n]), label=k, classname=n) for k, n in enumerate(names)]
+
+    cache = EvalFeatureCache(tmp_path / "cache", "fp")
+    feats, _ = cache.features(encode, samples("aab"))
+    assert feats.flatten().tolist() == [0.0, 0.0, 1.0] and cache.encoded == 2
+    feats, _ = cache.features(encode, samples("cdab"))
+    assert feats.flatten().tolist() == [2.0, 3.0, 0.0, 1.0] and cache.encoded == 4
+    reopened = EvalFeatureCache(tmp_path / "cache", "fp")  # the file on disk is consistent too
+    feats, _ = reopened.features(encode, samples("dcba"))
+    assert feats.flatten().tolist() == [3.0, 2.0, 1.0, 0.0] and reopened.encoded == 0

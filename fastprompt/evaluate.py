@@ -305,7 +305,7 @@ def run_transfer(session: Session) -> dict:
         source_acc, _ = accuracy(model, source.test, session=session, desc=f"seed {seed} {cfg.data.dataset}")
         acc = {}
         for name, target in targets.items():
-            _set_target_classes(model, target)
+            _set_target_classes(model, source, target)
             acc[name], _ = accuracy(model, target.test, session=session, desc=f"seed {seed} {name}")
         model.set_classnames(source.classnames)
         run = {"seed": seed, "source": source_acc, "targets": acc, "target_mean": _mean(list(acc.values())),
@@ -319,10 +319,15 @@ def run_transfer(session: Session) -> dict:
             "target_mean": _mean(list(mean_targets.values()))}
 
 
-def _set_target_classes(model: nn.Module, target) -> None:
-    # Only DePT models take `cat_head_rows`; others just switch names.
-    if target.class_indices is not None and "cat_head_rows" in inspect.signature(model.set_classnames).parameters:
-        model.set_classnames(target.classnames, cat_head_rows=target.class_indices)
+def _set_target_classes(model: nn.Module, source, target) -> None:
+    """Switch to the target's classes. DePT keeps its CAT head on a target whose classes are a
+    subset of the source's (ImageNet-A/-R in ImageNet: `class_indices` name the rows), checked by
+    name; any other target (another source, or unrelated indices) gets the ITM head only."""
+    rows = target.class_indices
+    takes_rows = "cat_head_rows" in inspect.signature(model.set_classnames).parameters
+    if rows is not None and takes_rows and all(0 <= i < len(source.classnames) for i in rows) \
+            and [source.classnames[i] for i in rows] == list(target.classnames):
+        model.set_classnames(target.classnames, cat_head_rows=rows)
     else:
         model.set_classnames(target.classnames)
 

@@ -95,7 +95,16 @@ def test_domain_generalisation_slices_the_cat_head_to_the_target_classes(method)
     rows = [1, 3, 5, 7]
     with torch.no_grad():
         full = model(images).logits
-        _set_target_classes(model, DatasetSplits("imagenet_a", [names[r] for r in rows], [], [], [], class_indices=rows))
+        source = DatasetSplits("imagenet", names, [], [], [])
+        _set_target_classes(model, source, DatasetSplits("imagenet_a", [names[r] for r in rows], [], [], [], class_indices=rows))
         subset = model(images).logits
-    assert subset.shape == (6, 4)
-    torch.testing.assert_close(subset, full[:, rows], rtol=1e-5, atol=1e-5)
+        assert subset.shape == (6, 4)
+        torch.testing.assert_close(subset, full[:, rows], rtol=1e-5, atol=1e-5)
+        if method.startswith("dept+"):
+            # Indices that do not name the source's classes (a model trained on another dataset): ITM only.
+            other = DatasetSplits("imagenet_a", ["axolotl", "goldfish", "iguana", "jay"], [], [], [], class_indices=rows)
+            _set_target_classes(model, source, other)
+            assert not model.cat_head_active and model(images).logits.shape == (6, 4)
+            _set_target_classes(model, DatasetSplits("caltech101", names[:3], [], [], []), DatasetSplits(
+                "imagenet_r", [names[r] for r in rows], [], [], [], class_indices=rows))
+            assert not model.cat_head_active

@@ -30,6 +30,7 @@ from .checkpoint import atomic_write_bytes
 from .config import Config, ConfigError, check_method_options, config_to_dict, save_config
 from .features import (EvalFeatureCache, backbone_fingerprint, configure_text, encode_samples, features_accuracy,
                        uses_image_features)
+from .methods.templates import template_for
 from .train import RunLogger, autocast_context, fit, load_trained, resolve_device, seed_everything
 
 __all__ = [
@@ -174,9 +175,24 @@ class Session:
         from .methods import build_model
 
         seed_everything(seed)  # the prompt/head initialisation depends on the seed, as in Dassl
-        model = build_model(self.cfg.method.name, self.clip, list(classnames), **self.method_options)
+        options = dict(self.method_options)
+        if self.follows_dataset_template:
+            options["template"] = template_for(self.cfg.data.dataset)
+        model = build_model(self.cfg.method.name, self.clip, list(classnames), **options)
         configure_text(model, chunk_size=self.cfg.train.text_chunk_size)
         return model.to(self.device)
+
+    @property
+    def follows_dataset_template(self) -> bool:
+        """Methods with a hand-written template use each dataset's own (CoOp's), unless the config sets one."""
+        from .methods import method_defaults
+
+        return "template" in method_defaults(self.cfg.method.name) and "template" not in self.cfg.method.options
+
+    def use_dataset_template(self, model: nn.Module, dataset: str) -> None:
+        """Before switching `model` to `dataset`'s classes: that dataset's template (cross-dataset)."""
+        if self.follows_dataset_template:
+            getattr(model, "base", model).template = template_for(dataset)
 
     def train_model(self, model: nn.Module, train_samples: list, run_dir: Path, seed: int) -> dict:
         """Fit on `train_samples` (or load run_dir's checkpoint when not training); train stats."""
@@ -305,8 +321,10 @@ def run_transfer(session: Session) -> dict:
         source_acc, _ = accuracy(model, source.test, session=session, desc=f"seed {seed} {cfg.data.dataset}")
         acc = {}
         for name, target in targets.items():
+            session.use_dataset_template(model, name)
             _set_target_classes(model, source, target)
             acc[name], _ = accuracy(model, target.test, session=session, desc=f"seed {seed} {name}")
+        session.use_dataset_template(model, cfg.data.dataset)
         model.set_classnames(source.classnames)
         run = {"seed": seed, "source": source_acc, "targets": acc, "target_mean": _mean(list(acc.values())),
                "train": train_stats}

@@ -28,6 +28,7 @@ from fastprompt.kernels.validation import MIX_RULES
 
 from .base import PromptedCLIP, check_classnames
 from .prompts import CoupledVisionPrompts, TextPrompts, VisionPrompts, layer_list
+from .templates import GENERIC_TEMPLATE
 from .zsclip import encode_template
 
 MODALITIES = ("text", "vision", "multimodal")
@@ -75,7 +76,7 @@ class DPL(PromptedCLIP):
         "depth": 9,
         "n_vis_ctx": 4,
         "vis_prompt_position": "after_cls",
-        "template": "a photo of a {}.",
+        "template": GENERIC_TEMPLATE,
         "instance_mix": "fixed",
         "instance_weight": 0.1,
         "prompt_mix": "exact",

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from fastprompt.clip import ClipBundle
 
 from .coop import CoOp
+from .templates import GENERIC_TEMPLATE
 from .zsclip import encode_template
 
 
 class KgCoOp(CoOp):
     method = "kgcoop"
-    DEFAULTS = {"n_ctx": 4, "ctx_init": "a photo of a", "ctx_std": 0.02, "kg_weight": 8.0, "template": "a photo of a {}."}
+    DEFAULTS = {"n_ctx": 4, "ctx_init": "a photo of a", "ctx_std": 0.02, "kg_weight": 8.0, "template": GENERIC_TEMPLATE}
 
     def __init__(self, clip: ClipBundle, classnames: Sequence[str], *, kg_weight: float, template: str, **options):
         super().__init__(clip, classnames, **options)

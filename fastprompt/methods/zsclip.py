@@ -8,6 +8,7 @@ import torch
 from fastprompt.clip import ClipBundle
 
 from .base import PromptedCLIP, check_classnames
+from .templates import GENERIC_TEMPLATE
 
 
 def encode_template(model: PromptedCLIP, template: str, classnames: Sequence[str]) -> torch.Tensor:
@@ -23,7 +24,7 @@ def encode_template(model: PromptedCLIP, template: str, classnames: Sequence[str
 
 class ZeroShotCLIP(PromptedCLIP):
     method = "zsclip"
-    DEFAULTS = {"template": "a photo of a {}."}
+    DEFAULTS = {"template": GENERIC_TEMPLATE}
 
     def __init__(self, clip: ClipBundle, classnames: Sequence[str], *, template: str, attention_backend: str = "sdpa"):
         super().__init__(clip, attention_backend=attention_backend)

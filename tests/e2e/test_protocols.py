@@ -108,3 +108,23 @@ def test_domain_generalisation_slices_the_cat_head_to_the_target_classes(method)
             _set_target_classes(model, DatasetSplits("caltech101", names[:3], [], [], []), DatasetSplits(
                 "imagenet_r", [names[r] for r in rows], [], [], [], class_indices=rows))
             assert not model.cat_head_active
+
+
+@pytest.mark.parametrize("method,extra,built,on_dtd", [
+    ("zsclip", [], "a centered satellite photo of {}.", "{} texture."),
+    ("dept+kgcoop", [], "a centered satellite photo of {}.", "{} texture."),
+    ("zsclip", ["method.options.template=a {}."], "a {}.", "a {}."),  # the user's choice stands
+])
+def test_methods_use_each_datasets_template(tmp_path, method, extra, built, on_dtd):
+    """CoOp's per-dataset templates: at build time for the training set, and per target."""
+    from fastprompt.evaluate import Session
+
+    cfg = load_config(None, ["model.name=fastprompt-tiny", "model.pretrained=null", "train.device=cpu",
+                             f"method.name={method}", "data.dataset=eurosat", f"output_dir={tmp_path}", *extra])
+    session = Session.open(cfg, say=lambda m: None)
+    model = session.build_model(["forest", "river"], 1)
+    inner = getattr(model, "base", model)
+    assert inner.template == built
+    session.use_dataset_template(model, "dtd")
+    model.set_classnames(["banded", "dotted"])
+    assert inner.template == on_dtd

@@ -209,10 +209,22 @@ def finished_result(run_dir: Path, seed: int, keys: tuple[str, ...], cfg: Config
     from .config import config_to_dict
     from .train import _check_resumable
 
+    check_unchanged(cfg)  # also covers runs with no checkpoint (zero-shot CLIP)
     ckpt_root = Path(run_dir) / "checkpoints"
     if latest_checkpoint_dir(ckpt_root) is not None:
         _check_resumable(load_checkpoint(ckpt_root).meta["config"], config_to_dict(cfg), ckpt_root)
     return result
+
+
+def check_unchanged(cfg: Config) -> None:
+    """The run folder's saved config.yaml must agree with `cfg` on every key that affects results,
+    or the results there are not this config's: ConfigError naming the changed keys."""
+    from .config import config_to_dict
+    from .train import _check_resumable
+
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if saved.is_file():
+        _check_resumable(config_to_dict(load_config(saved)), config_to_dict(cfg), saved)
 
 
 def _complete(out: Path, seeds: list[int]) -> bool:
@@ -239,13 +251,14 @@ def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list
     for i, run in enumerate(runs, 1):
         out = Path(run.output_dir)
         label = f"[{i}/{len(runs)}] {run.method} / {run.dataset}"
+        cfg = run.config()
         if _complete(out, run.seeds):
+            check_unchanged(cfg)  # finished with another config: say so rather than report old numbers
             say(f"{label}: finished, skipped ({out})")
             rows.append({"method": run.method, "dataset": run.dataset, "status": "finished", "output_dir": str(out)})
             continue
         resuming = out.exists() and any(out.rglob("checkpoints/latest"))
         say(f"{label}: {'resuming' if resuming else 'running'} seeds {run.seeds} in {out}")
-        cfg = run.config()
         run_protocol(cfg, resume=True, say=lambda m: say("    " + m))
         if distributed.is_main():
             save_config(cfg, out / "config.yaml")  # the whole seed list, for `fastprompt eval`

@@ -84,13 +84,21 @@ def test_emit_commands_one_line_per_run_then_sweep_aggregates(tmp_path, digits_r
 
 
 def test_finished_run_with_a_changed_config_is_an_error_not_a_skip(tmp_path, digits_root, capsys):
-    path = _sweep_file(tmp_path, digits_root, methods=["coop"], seeds=[1])
+    path = _sweep_file(tmp_path, digits_root, methods=["coop", "zsclip"], seeds=[1])
     assert main(["sweep", str(path)]) == 0
-    (tmp_path / "sweep" / "base2new" / "coop" / "imagefolder" / "results.json").unlink()
     capsys.readouterr()
+    # The whole folder is finished (results.json there): still not this config's results.
     assert main(["sweep", str(path), "optim.lr=0.01"]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume from" in err and "optim.lr: 0.05 -> 0.01" in err and "new output_dir" in err
+    assert "optim.lr: 0.05 -> 0.01" in err and "new output_dir" in err
+    # Only the seed's result is there: the same. Zero-shot CLIP has no checkpoint to compare with.
+    (tmp_path / "sweep" / "base2new" / "coop" / "imagefolder" / "results.json").unlink()
+    assert main(["sweep", str(path), "optim.lr=0.01"]) == 2
+    assert "optim.lr: 0.05 -> 0.01" in capsys.readouterr().err
+    zs = _sweep_file(tmp_path, digits_root, methods=["zsclip"], seeds=[1])
+    (tmp_path / "sweep" / "base2new" / "zsclip" / "imagefolder" / "results.json").unlink()
+    assert main(["sweep", str(zs), "method.options.template=a picture of {}."]) == 2
+    assert "method.options: {} -> {'template': 'a picture of {}.'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -209,8 +209,10 @@ class Session:
 
         cfg, clip = self.cfg, self.clip
         short_side = cfg.data.short_side or math.ceil(clip.image_size * 8 / 7)
-        # Small few-shot caches live on the accelerator; augmentation then never leaves it.
-        cache = TrainImageCache(train_samples, short_side=short_side, device=self.device,
+        # Small few-shot caches live on the accelerator, so augmentation never leaves it; one larger
+        # than a quarter of its free memory (ImageNet: ~4 GB) stays in pinned host memory.
+        budget = torch.cuda.mem_get_info(self.device)[0] // 4 if self.device.type == "cuda" else None
+        cache = TrainImageCache(train_samples, short_side=short_side, device=self.device, max_device_bytes=budget,
                                 allow_corrupt=cfg.data.allow_corrupt, num_workers=cfg.train.num_workers)
         augment = GpuAugment(clip.image_size, clip.mean, clip.std, scale=tuple(cfg.data.crop_scale)).to(self.device)
         logger = RunLogger(run_dir)

@@ -41,15 +41,18 @@ class TrainImageCache:
 
     When every image has the same size they are stacked into one uint8 tensor [n, 3, H, W] and
     `batch` returns a tensor; otherwise `batch` returns a list of tensors (GpuAugment takes both).
-    `device` is where the images live ("cuda" keeps them on the GPU); `pin_memory=True` pins a CPU
-    cache so `batch(..., device="cuda")` copies asynchronously. Corrupt or unreadable images raise
+    `device` is where the images live ("cuda" keeps them on the GPU) and where `batch` sends them;
+    `pin_memory=True` pins a CPU cache so `batch(..., device="cuda")` copies asynchronously. With
+    `max_device_bytes`, a cache larger than that stays in pinned CPU memory (ImageNet at 16 shots is
+    ~4 GB) while `batch` still delivers to `device`. Corrupt or unreadable images raise
     DatasetError naming the file, unless `allow_corrupt=True`: then they are skipped, listed in
     `skipped` and counted in a logged warning. `num_workers > 0` decodes in that many threads
     (PIL releases the GIL while decoding and resizing).
     """
 
     def __init__(self, samples: list[Sample], *, short_side: int, device: str | torch.device = "cpu",
-                 allow_corrupt: bool = False, num_workers: int = 0, pin_memory: bool = False):
+                 allow_corrupt: bool = False, num_workers: int = 0, pin_memory: bool = False,
+                 max_device_bytes: int | None = None):
         if short_side < 1:
             raise ValueError(f"short_side must be positive, got {short_side}")
         if not samples:
@@ -83,13 +86,18 @@ class TrainImageCache:
         if not kept_images:
             raise DatasetError(f"all {len(samples)} training images were unreadable (first: {self.skipped[0]})")
 
-        pin = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
+        storage = self.device
+        total = sum(t.numel() for t in kept_images)
+        if storage.type != "cpu" and max_device_bytes is not None and total > max_device_bytes:
+            log.info("training images (%.1f GB) kept in pinned CPU memory, not on %s", total / 1e9, storage)
+            storage, pin_memory = torch.device("cpu"), True
+        pin = pin_memory and storage.type == "cpu" and torch.cuda.is_available()
         if len({tuple(t.shape) for t in kept_images}) == 1:
             stacked = torch.stack(kept_images)
-            self.images: torch.Tensor | list[torch.Tensor] = stacked.pin_memory() if pin else stacked.to(self.device)
+            self.images: torch.Tensor | list[torch.Tensor] = stacked.pin_memory() if pin else stacked.to(storage)
         else:
-            self.images = [t.pin_memory() if pin else t.to(self.device) for t in kept_images]
-        self.labels = torch.tensor(kept_labels, dtype=torch.int64, device=self.device)
+            self.images = [t.pin_memory() if pin else t.to(storage) for t in kept_images]
+        self.labels = torch.tensor(kept_labels, dtype=torch.int64, device=storage)
 
     def __len__(self) -> int:
         return self.labels.numel()

@@ -77,12 +77,16 @@ def test_greyscale_and_palette_images_become_rgb(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("where", ["cuda", "pinned"])
+@pytest.mark.parametrize("where", ["cuda", "pinned", "over_budget"])
 def test_cache_on_gpu_or_pinned_cpu(tmp_path, where):
     paths = [write_image(tmp_path / f"{i}.png", size=(16, 12 + i % 2), seed=i) for i in range(6)]
-    kwargs = {"device": "cuda"} if where == "cuda" else {"pin_memory": True}
+    kwargs = {"cuda": {"device": "cuda"}, "pinned": {"pin_memory": True},
+              "over_budget": {"device": "cuda", "max_device_bytes": 100}}[where]
     cache = TrainImageCache(samples_of(paths), short_side=64, **kwargs)
     ref = TrainImageCache(samples_of(paths), short_side=64)
     imgs, labels = cache.batch(torch.tensor([5, 0]), device="cuda")
     assert labels.device.type == "cuda" and labels.tolist() == [5, 0]
     assert all(t.device.type == "cuda" and torch.equal(t.cpu(), ref.images[i]) for t, i in zip(imgs, [5, 0]))
+    if where == "over_budget":  # too large for the device budget: kept in pinned host memory
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in cache.images)
+        assert cache.batch(torch.tensor([1]))[0][0].device.type == "cuda"  # still delivered to the device

@@ -24,7 +24,6 @@ backward 2.5x that), the peers' time over ours, and the measured device-to-devic
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -43,7 +42,7 @@ from fastprompt.kernels import reference  # noqa: E402
 from fastprompt.kernels.decoupled_attention import decoupled_attention as fused_decoupled_attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
-from result_files import run_header, write_report  # noqa: E402
+from result_files import parse_table_args, run_header, write_report  # noqa: E402
 
 MODES = ("forward", "backward", "both")
 ROTATE = 2
@@ -309,14 +308,7 @@ def format_table(rows, copy_gbs) -> str:
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="folder for the JSON file")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        parser.error("no GPU here: only --smoke runs on the CPU (the Triton interpreter is far too slow to time)")
+    args, device = parse_table_args(__doc__, argv)
     # The interpreter has no bf16: the smoke mode runs float32.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     copy_gbs = copy_bandwidth_gbs(device)

@@ -17,7 +17,6 @@ rotate among 4 sets so repeated calls do not just re-read one buffer from cache.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -35,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from fastprompt.kernels import cat_head, reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
-from result_files import run_header, write_report  # noqa: E402
+from result_files import parse_table_args, run_header, write_report  # noqa: E402
 
 GPU_BATCHES = (4, 32, 256, 1024)
 GPU_CLASSES = (5, 51, 500, 1000)
@@ -249,14 +248,7 @@ def format_table(rows) -> str:
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="folder for the JSON file")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        parser.error("no GPU here: only --smoke runs on the CPU (the Triton interpreter is far too slow to time)")
+    args, device = parse_table_args(__doc__, argv)
     rows, skipped, d, dtype = run(args.smoke, device)
     report = {
         **run_header("cat_head_loss", device, args.smoke),

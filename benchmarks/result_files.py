@@ -1,6 +1,8 @@
-"""What every kernel benchmark table records about its run, and where it writes it."""
+"""What every kernel benchmark table shares: its command line, what it records about its run,
+and where it writes it."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -8,6 +10,19 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+def parse_table_args(description: str, argv=None) -> tuple[argparse.Namespace, torch.device]:
+    """`--smoke` (tiny shapes on the CPU) and `--out`; the GPU if there is one, else smoke only."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="folder for the JSON file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        parser.error("no GPU here: only --smoke runs on the CPU (the Triton interpreter is far too slow to time)")
+    return args, device
 
 
 def device_name(device: torch.device) -> str:

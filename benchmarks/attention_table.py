@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # Triton reads TRITON_INTERPRET at import: decide before anything imports it.
@@ -42,7 +40,7 @@ from fastprompt.kernels import reference  # noqa: E402
 from fastprompt.kernels.decoupled_attention import decoupled_attention as fused_decoupled_attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
-from result_files import parse_table_args, run_header, write_report  # noqa: E402
+from table_common import Rotation, median_ms_host, parse_table_args, run_header, write_report  # noqa: E402
 
 MODES = ("forward", "backward", "both")
 ROTATE = 2
@@ -148,27 +146,6 @@ def make_inputs(shape, dtype, device, seed, layout="bhnd"):
     return [q.requires_grad_(), k.requires_grad_(), v.requires_grad_()], dout
 
 
-class Rotation:
-    def __init__(self, items):
-        self.items, self.i = items, 0
-
-    def next(self):
-        item = self.items[self.i % len(self.items)]
-        self.i += 1
-        return item
-
-
-def _median_ms_host(fn, reps):
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def time_impl(fn, sets, device, smoke):
     """Median ms of forward / backward / both over rotating input sets."""
     leaves = [t for qkv, _ in sets for t in qkv]
@@ -205,7 +182,7 @@ def time_impl(fn, sets, device, smoke):
                 result[f"{mode}_ms"] = triton.testing.do_bench(steps[mode], warmup=25, rep=100, grad_to_none=leaves,
                                                                return_mode="median")
             else:
-                result[f"{mode}_ms"] = _median_ms_host(lambda: (clear(), steps[mode]()), reps=3 if smoke else 10)
+                result[f"{mode}_ms"] = median_ms_host(lambda: (clear(), steps[mode]()), reps=3 if smoke else 10)
         except Exception as exc:  # a peer that cannot run a mode: say why in the JSON
             result[f"{mode}_ms"] = None
             result[f"{mode}_error"] = f"{type(exc).__name__}: {exc}"[:300]

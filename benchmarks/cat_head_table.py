@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # Triton reads TRITON_INTERPRET at import: decide before anything imports it.
@@ -34,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from fastprompt.kernels import cat_head, reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
-from result_files import parse_table_args, run_header, write_report  # noqa: E402
+from table_common import Rotation, median_ms_host, parse_table_args, run_header, write_report  # noqa: E402
 
 GPU_BATCHES = (4, 32, 256, 1024)
 GPU_CLASSES = (5, 51, 500, 1000)
@@ -135,29 +133,6 @@ def implementations(device: torch.device, smoke: bool):
     return impls, skipped
 
 
-class Rotation:
-    """Cycles through several input sets (and, for backward, their retained graphs)."""
-
-    def __init__(self, items):
-        self.items, self.i = items, 0
-
-    def next(self):
-        item = self.items[self.i % len(self.items)]
-        self.i += 1
-        return item
-
-
-def _median_ms_host(fn, reps: int) -> float:
-    fn()  # warm-up: compilation, first launch, lazy library init
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def time_impl(fn, sets, device: torch.device, smoke: bool):
     """Median ms for forward / backward / both, and peak extra memory (MiB, GPU) of one forward+backward."""
     all_leaves = [t for x in sets for t in leaves(x)]
@@ -184,7 +159,7 @@ def time_impl(fn, sets, device: torch.device, smoke: bool):
                     modes[mode], warmup=25, rep=100, grad_to_none=all_leaves, return_mode="median"
                 )
             else:
-                result[f"{mode}_ms"] = _median_ms_host(lambda: (clear_grads(), modes[mode]()), reps=5 if smoke else 10)
+                result[f"{mode}_ms"] = median_ms_host(lambda: (clear_grads(), modes[mode]()), reps=5 if smoke else 10)
         except Exception as exc:
             result[f"{mode}_ms"] = None
             result[f"{mode}_error"] = f"{type(exc).__name__}: {exc}"[:300]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cat_head_table as table
+from table_common import synced
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -18,17 +19,6 @@ if CUDA:
 else:
     SHAPES, DIM = table.SMOKE_SHAPES, table.SMOKE_DIM
 IMPLS, SKIPPED = table.implementations(DEVICE, smoke=not CUDA)
-
-
-def _synced(fn):
-    # pytest-benchmark reads a host clock: wait for the GPU inside the timed call.
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @pytest.mark.parametrize("mode", table.MODES)
@@ -54,7 +44,7 @@ def test_cat_head_loss(benchmark, b, c, impl, mode):
         step = lambda: (clear(), losses.next().backward(retain_graph=True))  # noqa: E731
     benchmark.group = f"cat_head B={b} C={c} d={DIM} {mode}"
     benchmark.extra_info.update(impl=impl, B=b, C=c, d=DIM, mode=mode, device=str(DEVICE))
-    benchmark(_synced(step))
+    benchmark(synced(step))
     if mode != "forward":
         # The timed calls really computed gradients.
         assert sets[0]["weight"].grad is not None or sets[-1]["weight"].grad is not None

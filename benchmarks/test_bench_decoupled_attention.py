@@ -10,23 +10,13 @@ import pytest
 import torch
 
 import attention_table as table
+from table_common import synced
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = table.GPU_SHAPES if CUDA else table.SMOKE_SHAPES
 IMPL_NAMES = ("triton", "eager", "flex", "sdpa", "xformers") if CUDA else ("triton", "eager")
-
-
-def _synced(fn):
-    # pytest-benchmark reads a host clock: wait for the GPU inside the timed call.
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @pytest.mark.parametrize("mode", table.MODES)
@@ -66,7 +56,7 @@ def test_decoupled_attention(benchmark, shape, rules, impl, mode):
     benchmark.group = f"decoupled_attention {shape[0]} {rules} {mode}"
     benchmark.extra_info.update(impl=impl, shape=shape[0], rules=rules, mode=mode, device=str(DEVICE),
                                 dtype=str(DTYPE))
-    result = benchmark(_synced(step))
+    result = benchmark(synced(step))
     if mode == "forward":
         assert torch.isfinite(result).all()
     else:

@@ -1,12 +1,14 @@
-"""What every kernel benchmark table shares: its command line, what it records about its run,
-and where it writes it."""
+"""What the kernel benchmark tables and their pytest-benchmark suites share: the command line,
+host timing, input rotation, the run header and where results are written."""
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +25,42 @@ def parse_table_args(description: str, argv=None) -> tuple[argparse.Namespace, t
     if device.type == "cpu" and not args.smoke:
         parser.error("no GPU here: only --smoke runs on the CPU (the Triton interpreter is far too slow to time)")
     return args, device
+
+
+class Rotation:
+    """Cycles through several input sets (and, for backward, their retained graphs), so repeated
+    timed calls do not hit the same inputs in cache."""
+
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def next(self):
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        return item
+
+
+def median_ms_host(fn, reps: int) -> float:
+    """Median wall-clock ms of `fn` over `reps` calls after two warm-ups (compilation, first launch)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def synced(fn):
+    """`fn` followed by a CUDA synchronise: pytest-benchmark reads a host clock."""
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def device_name(device: torch.device) -> str:

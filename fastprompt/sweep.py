@@ -25,7 +25,9 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import shlex
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,7 +36,7 @@ import yaml
 
 from .config import Config, ConfigError, load_config, save_config
 
-__all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "finished_result"]
+__all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "finished_result", "report_folder"]
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -116,6 +118,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     for key in ("output_dir", "report_dir", "config", "configs_dir"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ConfigError(f"{path}: '{key}' must be a string (a path), got {data[key]!r}")
+    if data.get("report_dir"):
+        _check_report_dir(data["report_dir"], path)
     sweep = Sweep(path=path, protocol=protocol, methods=_list(data, "methods", path, str),
                   datasets=_list(data, "datasets", path, str), seeds=_list(data, "seeds", path, int),
                   overrides=[*own, *overrides],
@@ -126,6 +130,32 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
             raise ConfigError(f"override '{override}': the sweep sets {key} itself; list the values in the sweep "
                               "file (methods, datasets, seeds, output_dir) instead")
     return sweep
+
+
+REPORT_DIR_PLACEHOLDERS = ("protocol",)
+
+
+def _check_report_dir(value: str, path: Path) -> None:
+    # One report for the whole sweep: only {protocol} is known there (not {method} or {dataset}).
+    allowed = ", ".join("{" + p + "}" for p in REPORT_DIR_PLACEHOLDERS)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{path}: report_dir '{value}' is not a valid path pattern ({exc}); "
+                          f"the only placeholder allowed is {allowed}, write literal braces as {{{{ }}}}") from None
+    bad = sorted({f for f in fields if f not in REPORT_DIR_PLACEHOLDERS})
+    if bad:
+        raise ConfigError(f"{path}: report_dir '{value}' uses " + ", ".join("{" + f + "}" for f in bad)
+                          + f"; one report covers the whole sweep, so the only placeholder allowed is {allowed}")
+
+
+def report_folder(sweep: Sweep, runs: list[SweepRun]) -> Path:
+    """Where the sweep's report goes: report_dir (with {protocol} filled), else the folder the
+    run folders share."""
+    if sweep.report_dir:
+        return Path(sweep.report_dir.format(protocol=sweep.protocol))
+    parents = [os.path.abspath(Path(r.output_dir).parent) for r in runs]
+    return Path(os.path.commonpath(parents))
 
 
 def _relative(sweep: Sweep, name: str) -> Path:
@@ -264,8 +294,7 @@ def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list
             save_config(cfg, out / "config.yaml")  # the whole seed list, for `fastprompt eval`
         rows.append({"method": run.method, "dataset": run.dataset, "status": "resumed" if resuming else "ran",
                      "output_dir": str(out)})
-    report_dir = Path(sweep.report_dir.format(protocol=sweep.protocol)) if sweep.report_dir else \
-        Path(runs[0].output_dir).parent.parent
+    report_dir = report_folder(sweep, runs)
     md = report_dir / "report.md"
     if distributed.is_main():
         md, _ = write_report([r["output_dir"] for r in rows], report_dir)

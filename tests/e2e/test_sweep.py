@@ -9,7 +9,7 @@ import yaml
 
 from fastprompt.cli import main
 from fastprompt.config import ConfigError
-from fastprompt.sweep import emit_commands, expand, load_sweep
+from fastprompt.sweep import emit_commands, expand, load_sweep, report_folder
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.shots=2", "data.crop_scale=[0.9,1.0]",
@@ -113,6 +113,9 @@ def test_finished_run_with_a_changed_config_is_an_error_not_a_skip(tmp_path, dig
         ({"config": None, "configs_dir": "nowhere"}, "no config for method 'coop'"),
         ({"output_dir": "runs/{dataset}"}, "use the {method} and {dataset} placeholders"),
         ({"protocol": None}, "'protocol' is required"),
+        ({"report_dir": "runs/{protocol}/{method}"}, "uses {method}; one report covers the whole sweep, "
+                                                     "so the only placeholder allowed is {protocol}"),
+        ({"report_dir": "runs/{protocol"}, "the only placeholder allowed is {protocol}"),
     ],
 )
 def test_bad_sweep_files_name_the_problem(change, message, tmp_path, digits_root):
@@ -139,3 +142,23 @@ def test_published_configs_are_found_per_method(tmp_path):
     assert len(lines) == 2 * 2 * 3
     assert str(REPO / "configs" / "base2new" / "dept_coop.yaml") in lines[0]
     assert str(REPO / "configs" / "base2new" / "kgcoop.yaml") in lines[-1]
+
+
+def test_report_folder_defaults_to_the_run_folders_common_parent(tmp_path, digits_root):
+    # One method, several output_dir depths: the report goes where the run folders meet, not two
+    # levels above the first one.
+    path = _sweep_file(tmp_path, digits_root, methods=["coop"], report_dir=None,
+                       output_dir=str(tmp_path / "out" / "{method}-{dataset}"))
+    spec = yaml.safe_load(path.read_text())
+    spec.pop("report_dir")
+    path.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(path)
+    assert report_folder(sweep, expand(sweep)) == tmp_path / "out"
+    both = _sweep_file(tmp_path, digits_root)
+    spec = yaml.safe_load(both.read_text())
+    spec.pop("report_dir")
+    both.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(both)
+    assert report_folder(sweep, expand(sweep)) == tmp_path / "sweep" / "base2new"
+    named = load_sweep(_sweep_file(tmp_path, digits_root, report_dir=str(tmp_path / "r" / "{protocol}")))
+    assert report_folder(named, expand(named)) == tmp_path / "r" / "base2new"

@@ -199,7 +199,7 @@ class Session:
         if not any(p.requires_grad for p in model.parameters()):
             return {}  # zero-shot CLIP: nothing to train or load
         if not self.train:
-            meta = load_trained(model, run_dir)
+            meta = load_trained(model, run_dir, config_to_dict(self.cfg))
             return {"loaded_checkpoint_step": meta["step"]}
         from .data import GpuAugment, TrainImageCache
         from .checkpoint import latest_checkpoint_dir

@@ -260,6 +260,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Keys `fastprompt eval` may change against the checkpoint it loads: the resume ones, where the data
+# is, and what only evaluation reads. Any other change would evaluate a model the run did not train.
+_EVAL_IRRELEVANT = _RESUME_IRRELEVANT | {"data.root", "data.cache_dir", "data.allow_corrupt",
+                                         "train.text_chunk_size"}
+
+
 def _check_resumable(saved: dict, current: dict, path: Path) -> None:
     a, b = _flat(saved), _flat(current)
     changed = [k for k in sorted(set(a) | set(b)) if k not in _RESUME_IRRELEVANT and a.get(k) != b.get(k)]
@@ -268,6 +274,18 @@ def _check_resumable(saved: dict, current: dict, path: Path) -> None:
         raise ConfigError(
             f"cannot resume from {path}: the config changed ({diffs}). Restore those values, "
             "or start a fresh run in a new output_dir"
+        )
+
+
+def _check_evaluable(saved: dict, current: dict, path: Path) -> None:
+    a, b = _flat(saved), _flat(current)
+    changed = [k for k in sorted(set(a) | set(b)) if k not in _EVAL_IRRELEVANT and a.get(k) != b.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"cannot evaluate {path} with this config: it was trained with other values ({diffs}). "
+            "Drop those overrides (eval may change only "
+            + ", ".join(sorted(_EVAL_IRRELEVANT - {"output_dir"})) + "), or train a new run with them"
         )
 
 
@@ -587,11 +605,16 @@ def _progress(enabled: bool, *, total: int, initial: int, desc: str):
                 dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
-def load_trained(model: nn.Module, run_dir: str | Path) -> dict:
-    """Load the newest checkpoint of run_dir into model; returns its meta. For `fastprompt eval`."""
+def load_trained(model: nn.Module, run_dir: str | Path, config: Optional[dict] = None) -> dict:
+    """Load the newest checkpoint of run_dir into model; returns its meta. For `fastprompt eval`.
+
+    With `config` (the current config as a dict), a checkpoint trained with other values of keys
+    that shape or train the model is refused with a ConfigError naming them, before loading."""
     root = Path(run_dir) / "checkpoints"
     if latest_checkpoint_dir(root) is None:
         raise CheckpointError(f"no checkpoint under {root}; train first (fastprompt train CONFIG)")
     ckpt = load_checkpoint(root)
+    if config is not None and isinstance(ckpt.meta.get("config"), dict):
+        _check_evaluable(ckpt.meta["config"], config, root)
     model.load_state_dict(ckpt.model_state)
     return ckpt.meta

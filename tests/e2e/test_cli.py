@@ -25,7 +25,7 @@ def _final_weights(run_dir: Path) -> dict:
     return load_file(ckpts / (ckpts / "latest").read_text() / "model.safetensors")
 
 
-def test_demo_runs_and_prints_the_table(tmp_path, run_cli):
+def test_demo_runs_and_prints_the_table(tmp_path, run_cli, capsys):
     out = tmp_path / "demo"
     proc = run_cli("demo", "--fast", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,6 +48,12 @@ def test_demo_runs_and_prints_the_table(tmp_path, run_cli):
     assert main(["eval", str(out), "train.progress=false"]) == 0
     again = json.loads((out / "results.json").read_text())["runs"][0]
     assert (again["base"], again["new"]) == (before["base"], before["new"])
+    # A setting the checkpoint was not trained with is one clear error naming it, not a size mismatch.
+    capsys.readouterr()
+    assert main(["eval", str(out), "train.progress=false", "method.options.n_ctx=8"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot evaluate" in err and "method.options: {} -> {'n_ctx': 8}" in err and "Traceback" not in err
+    assert json.loads((out / "results.json").read_text())["runs"][0] == again  # results untouched
 
     # `fastprompt report` writes the table and the chart for any list of run folders.
     report_dir = tmp_path / "report"

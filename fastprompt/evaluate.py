@@ -28,6 +28,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import atomic_write_bytes
 from .config import Config, ConfigError, check_method_options, config_to_dict, save_config
+from .data.errors import DatasetError
 from .features import (EvalFeatureCache, backbone_fingerprint, configure_text, encode_samples, features_accuracy,
                        uses_image_features)
 from .methods.templates import template_for
@@ -81,7 +82,7 @@ def accuracy(model: nn.Module, samples: list, *, session: "Session", desc: str =
     counts = distributed.all_reduce_sum(torch.tensor([correct, seen], dtype=torch.float64, device=device))
     correct, seen = int(counts[0]), int(counts[1])
     if seen == 0:
-        raise RuntimeError(f"{desc}: no readable test images")
+        raise _unreadable(desc, samples)
     rate = seen / max(time.perf_counter() - start, 1e-9)
     return 100.0 * correct / seen, rate
 
@@ -107,10 +108,31 @@ def _cached_accuracy(model: nn.Module, samples: list, *, session: "Session") -> 
                                             device=device, autocast=autocast)
     features, labels = session.feature_cache.features(encode, samples)
     if labels.numel() == 0:
-        raise RuntimeError("no readable test images")
+        raise _unreadable("test", samples)
     acc = features_accuracy(model, features, labels, device=device, autocast=autocast,
                             batch_size=cfg.train.eval_batch_size)
     return acc, labels.numel() / max(time.perf_counter() - start, 1e-9)
+
+
+def _unreadable(desc: str, samples: list) -> DatasetError:
+    import os
+
+    folder = os.path.commonpath([os.path.dirname(os.path.abspath(s.path)) for s in samples]) if samples else "?"
+    return DatasetError(f"{desc}: none of the {len(samples)} test images under {folder} could be read "
+                        "(data.allow_corrupt=true skipped them all); replace the unreadable files, or point "
+                        "data.root at a copy that decodes")
+
+
+def _require_test_images(splits, name: str, root: str, part: str = "") -> None:
+    """Every protocol scores test images: none is an error before any training, not after it."""
+    if splits.test:
+        return
+    where = f"{Path(root) / 'test'}/" if name == "imagefolder" else f"the {name} test split under {root}"
+    what = f"the {part} classes of {name}" if part else name
+    fix = ("add <class>/ folders of test images there, or use the flat layout <root>/<class>/*.png so "
+           "fastprompt splits 20% off for testing") if name == "imagefolder" else \
+        "check the dataset's files against the layout in PROTOCOLS.md"
+    raise DatasetError(f"no test images for {what}: nothing found in {where}; {fix}")
 
 
 # --------------------------------------------------------------------------- one command's session
@@ -161,9 +183,13 @@ class Session:
                    resume=resume, train=train, say=say)
 
     def load_splits(self, name: Optional[str] = None):
+        """Dataset `name` (default: data.dataset); DatasetError when it has no test images."""
         from .data import load_dataset
 
-        return load_dataset(name or self.cfg.data.dataset, self.cfg.data.root)
+        name = name or self.cfg.data.dataset
+        splits = load_dataset(name, self.cfg.data.root)
+        _require_test_images(splits, name, self.cfg.data.root)
+        return splits
 
     def few_shot(self, splits, shots: int, seed: int):
         from .data import few_shot_split
@@ -277,6 +303,8 @@ def run_base2new(session: Session) -> dict:
 
     cfg = session.cfg
     full = session.load_splits()
+    for part, half in zip(("base", "new"), split_base_new(full)):
+        _require_test_images(half, cfg.data.dataset, cfg.data.root, part)
     runs = []
     for seed in cfg.data.seeds:
         run_dir = session.seed_dir(seed)

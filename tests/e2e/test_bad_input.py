@@ -81,6 +81,33 @@ def test_corrupt_training_image_names_the_file_and_the_switch(tmp_path, digits_r
     assert "skipped 1 unreadable training images" in (tmp_path / "r" / "seed1" / "train.log").read_text()
 
 
+@pytest.mark.parametrize("test_classes", ["none", "base only"])
+def test_missing_test_images_are_refused_before_training(test_classes, tmp_path, digits_root, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(digits_root / "train", data / "train")
+    message = f"no test images for imagefolder: nothing found in {data / 'test'}/"
+    if test_classes == "base only":  # base = the first half of the sorted class folders
+        classes = sorted(p.name for p in (digits_root / "test").iterdir())
+        for name in classes[:5]:
+            shutil.copytree(digits_root / "test" / name, data / "test" / name)
+        message = f"no test images for the new classes of imagefolder: nothing found in {data / 'test'}/"
+    out = tmp_path / "r"
+    err = _error(capsys, ["train", CONFIG, *TINY, f"data.root={data}", f"output_dir={out}"])
+    assert message in err and "flat layout" in err
+    assert not list(out.rglob("train.log"))  # refused before any training
+
+
+def test_unreadable_test_images_name_the_folder_and_the_switch(tmp_path, digits_root, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(digits_root, data)
+    for image in (data / "test").rglob("*.png"):
+        image.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for cache in ("true", "false"):
+        err = _error(capsys, ["train", CONFIG, *TINY, f"data.root={data}", "data.allow_corrupt=true",
+                              f"train.feature_cache={cache}", f"output_dir={tmp_path / cache}"])
+        assert "test images under" in err and "data.allow_corrupt=true skipped them all" in err
+
+
 def _split_dataset(tmp_path: Path, digits_root: Path, rows) -> Path:
     root = tmp_path / "data"
     images = root / "dtd" / "images"

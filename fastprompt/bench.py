@@ -9,7 +9,8 @@ both styles on a synthetic ImageFolder; `--max-batch` finds the largest batch th
 
 Timing: CUDA events on a GPU (the breakdown records an event pair per phase, no syncs inside a
 step), the host clock on the CPU. The breakdown is taken in its own eager pass, since wrapping
-the phases would break a compiled graph; images/s comes from a separate pass without wrappers.
+the phases would break a compiled graph; images/s comes from separate passes with the phase
+wrappers switched off (or, with --compile, a fresh compiled model without them).
 Backward is reported as one phase: autograd runs it as one graph.
 """
 from __future__ import annotations
@@ -51,10 +52,12 @@ SHORT_SIDE_RATIO = 8 / 7  # the decoded cache keeps images at 8/7 of the crop (2
 
 class PhaseClock:
     """Named, possibly nested phases; `totals()` gives each name's self time in seconds (a nested
-    phase's time is taken out of its parent's)."""
+    phase's time is taken out of its parent's). With `enabled = False` phases and wrapped
+    functions record nothing (no events, no host clock): the throughput pass runs so."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.enabled = True
         self._records: list[tuple[str, object, object, list]] = []
         self._stack: list[list] = []
 
@@ -70,6 +73,9 @@ class PhaseClock:
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
         start = self._mark()
         children: list = []
         self._stack.append(children)
@@ -84,6 +90,8 @@ class PhaseClock:
 
     def wrap(self, fn: Callable, name: str) -> Callable:
         def timed(*args, **kwargs):
+            if not self.enabled:
+                return fn(*args, **kwargs)
             with self.phase(name):
                 return fn(*args, **kwargs)
 
@@ -379,9 +387,11 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
         clock.totals()
         breakdown_s = _timed_steps(stepper, n, device)
         phases = {k: v / n for k, v in clock.totals().items()}
+        # From here on whole steps only: the wrapped phases record nothing (no events, no records).
+        stepper.clock = None
+        clock.enabled = False
         if flops is None and style == "fast":
             flops = stepper.model_flops_per_step()
-        stepper.clock = None
         if style == "fast" and compile:  # a second, compiled stepper for the throughput pass
             del stepper
             _reset_memory(device)
@@ -722,30 +732,40 @@ def markdown_table(results: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="fastprompt bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU smoke mode: fastprompt-tiny, 2 steps, coop and dept+coop")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and the PNG chart")
     p.add_argument("--model", default=None, help="open_clip model (default ViT-B-16; smoke: fastprompt-tiny)")
     p.add_argument("--methods", nargs="+", default=None, help="methods (default: all five, each with and without dept+)")
-    p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default 4 32 128)")
-    p.add_argument("--classes", nargs="+", type=int, default=None, help="class counts (default 50 500 1000)")
+    p.add_argument("--batches", nargs="+", type=_positive_int, default=None, help="batch sizes (default 4 32 128)")
+    p.add_argument("--classes", nargs="+", type=_positive_int, default=None, help="class counts (default 50 500 1000)")
     p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES),
                    help="what to measure (default both; `--style official` alone: the baseline only)")
-    p.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
+    p.add_argument("--steps", type=_positive_int, default=None, help="measured steps per configuration")
     p.add_argument("--compile", action="store_true",
                    help="fast path: torch.compile the encoder trunks (dynamic class count) for the images/s pass")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --compile on a GPU: replay the compiled trunks as CUDA graphs (launch-bound steps)")
-    p.add_argument("--text-chunk-size", type=int, default=None, help="fast path: prompts per text-encoder chunk")
+    p.add_argument("--text-chunk-size", type=_positive_int, default=None, help="fast path: prompts per text-encoder chunk")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-steps", action="store_true", help="skip the per-step grid (with --run / --max-batch)")
     p.add_argument("--run", nargs="*", default=None, metavar="METHOD",
                    help="also time whole base-to-new runs of these methods in both styles (default dept+coop dept+maple)")
-    p.add_argument("--run-classes", type=int, default=None, help="base classes of the whole run (default 500; smoke 3)")
-    p.add_argument("--run-shots", type=int, default=None, help="shots per class (default 16; smoke 2)")
-    p.add_argument("--run-epochs", type=int, default=None, help="epochs (default 10; smoke 1)")
-    p.add_argument("--run-test-per-class", type=int, default=None, help="test images per class (default 50; smoke 2)")
+    p.add_argument("--run-classes", type=_positive_int, default=None, help="base classes of the whole run (default 500; smoke 3)")
+    p.add_argument("--run-shots", type=_positive_int, default=None, help="shots per class (default 16; smoke 2)")
+    p.add_argument("--run-epochs", type=_positive_int, default=None, help="epochs (default 10; smoke 1)")
+    p.add_argument("--run-test-per-class", type=_positive_int, default=None, help="test images per class (default 50; smoke 2)")
     p.add_argument("--max-batch", nargs="*", default=None, metavar="METHOD",
                    help="largest batch that fits, both styles, at the largest class count (GPU)")
     p.add_argument("--vision-mfu", nargs="*", default=None, metavar="METHOD",
@@ -864,7 +884,9 @@ def _whole_runs(args, model: str, device: torch.device, chunk, *, smoke: bool) -
                 rec = _guarded(smoke, {"style": style, "method": method}, whole_run, style, method, data_root=root,
                                out=tmp / f"{style}_{method.replace('+', '_')}", model=model, device=device,
                                shots=shots, epochs=epochs, batch=4, num_workers=workers, compile=args.compile,
-                               text_chunk_size=chunk, feature_cache_dir=tmp / "cache")
+                               text_chunk_size=chunk,
+                               # one cache per (method, style): no run may find another's test features
+                               feature_cache_dir=tmp / "cache" / f"{style}_{method.replace('+', '_')}")
                 rec.update(base_classes=classes, shots=shots, epochs=epochs, test_per_class=tests, batch=4,
                            train_images=classes * shots, test_images=2 * classes * tests)
                 if "seconds" in rec:

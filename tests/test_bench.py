@@ -132,3 +132,54 @@ def test_an_unexpected_error_is_recorded_on_full_runs_and_raised_in_smoke_mode()
     assert _guarded(False, {"method": "coop"}, broken, "y") == {"method": "coop", "error": "KeyError: 'no y'"}
     with pytest.raises(KeyError):
         _guarded(True, {}, broken, "y")
+
+
+@pytest.mark.parametrize("style", ["fast", "official"])
+def test_throughput_pass_records_no_phases(style, monkeypatch):
+    # The breakdown pass times phases; the images/s passes after it must not (no events, no records).
+    import fastprompt.bench as bench
+
+    clocks = []
+
+    class Recorder(PhaseClock):
+        def __init__(self, device):
+            super().__init__(device)
+            clocks.append(self)
+
+    monkeypatch.setattr(bench, "PhaseClock", Recorder)
+    clip = official_clip(TINY_MODEL, None, "cpu") if style == "official" else load_clip(TINY_MODEL, None)
+    record = bench.bench_step(clip, "coop", 4, 5, style, device=torch.device("cpu"), steps=2, warmup=1,
+                              feature_batch=8, text_chunk_size=None, compile=False, num_workers=0, repeats=2)
+    assert not record["oom"] and record["images_per_s"] > 0 and record["breakdown_ms"]["data"] >= 0
+    (clock,) = clocks
+    assert clock._records == [] and clock._stack == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "0"], "argument --batches: must be >= 1, got 0"),
+    (["--classes", "5", "-3"], "argument --classes: must be >= 1, got -3"),
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["--run-epochs", "two"], "argument --run-epochs: expected a whole number >= 1, got 'two'"),
+    (["--run-classes", "0"], "argument --run-classes: must be >= 1, got 0"),
+    (["--run-shots", "0"], "argument --run-shots: must be >= 1, got 0"),
+    (["--run-test-per-class", "0"], "argument --run-test-per-class: must be >= 1, got 0"),
+])
+def test_bench_counts_must_be_positive(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--smoke", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_whole_runs_use_one_feature_cache_per_method_and_style(tmp_path, monkeypatch):
+    import fastprompt.bench as bench
+
+    seen = []
+
+    def fake_run(style, method, **kwargs):
+        seen.append((style, method, kwargs["feature_cache_dir"]))
+        return {"style": style, "method": method, "seconds": 1.0}
+
+    monkeypatch.setattr(bench, "whole_run", fake_run)
+    main(["--smoke", "--no-steps", "--out", str(tmp_path), "--run", "coop", "dept+coop"])
+    assert len(seen) == 4
+    assert len({cache for _, _, cache in seen}) == 4  # (method, style) pairs never share test features

@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "the Base/New/HM table, throughput and the run folder. Needs no GPU and no network.",
     )
     demo.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--fast", action="store_true", help="one seed and two epochs (for CI)")
+    from .demo import FAST_OVERRIDES
+
+    demo.add_argument("--fast", action="store_true",
+                      help=f"one seed and fewer epochs, for CI (adds {' '.join(FAST_OVERRIDES)})")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     bench = sub.add_parser("bench", help="training throughput: fastprompt vs the official-style path",

@@ -128,6 +128,16 @@ def test_help_explains_each_command(command, capsys):
         assert "optim.lr=0.002" in text and "protocol.name" in text and "model.pretrained" in text
 
 
+def test_demo_help_and_yaml_comments_say_what_the_demo_does(capsys):
+    from fastprompt.demo import FAST_OVERRIDES
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert " ".join(FAST_OVERRIDES) in " ".join(capsys.readouterr().out.split())  # --fast's help
+    comments = (REPO / "configs" / "demo.yaml").read_text()
+    assert "fastprompt train configs/demo.yaml --overwrite" in comments and "a few minutes" not in comments
+
+
 def test_demo_yaml_matches_the_demo_settings():
     shipped = load_config(REPO / "configs" / "demo.yaml")
     builtin = demo_config(output_dir="runs/demo")

@@ -376,8 +376,16 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"optim.grad_clip: must be > 0 or null, got {cfg.optim.grad_clip}")
     if not cfg.data.seeds:
         raise ConfigError("data.seeds: give at least one seed, e.g. data.seeds=[1,2,3]")
+    for key, values in {"data.seeds": cfg.data.seeds, "protocol.shots": cfg.protocol.shots}.items():
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:  # each would be trained again into the same folder and counted twice in the mean
+            raise ConfigError(f"{key}: {twice} listed more than once in {values}; list each once, "
+                              f"e.g. {key}=[{','.join(str(v) for v in dict.fromkeys(values))}]")
     if any(s < 1 for s in cfg.protocol.shots):
         raise ConfigError(f"protocol.shots: every shot count must be >= 1, got {cfg.protocol.shots}")
+    if cfg.protocol.name == "few_shot" and not cfg.protocol.shots:
+        raise ConfigError("protocol.shots: protocol 'few_shot' needs at least one shot count, "
+                          "e.g. protocol.shots=[1,2,4,8,16]")
     if cfg.protocol.name in ("cross_dataset", "domain_generalisation") and not cfg.protocol.targets:
         raise ConfigError(f"protocol.targets: protocol '{cfg.protocol.name}' needs target datasets")
     lo_hi = cfg.data.crop_scale

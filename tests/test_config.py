@@ -145,3 +145,15 @@ def test_ctx_init_from_the_config_sets_the_context_length():
     options = check_method_options(cfg, METHOD_NAMES, method_defaults("coop"))
     model = build_model("coop", load_clip(TINY_MODEL), ["cat", "dog"], **options)
     assert model.text_prompts.n_ctx == 4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.seeds=[1,2,1]"], "data.seeds: [1] listed more than once in [1, 2, 1]; list each once, e.g. data.seeds=[1,2]"),
+    (["protocol.shots=[4,2,4]"], "protocol.shots: [4] listed more than once"),
+    (["protocol.name=few_shot", "protocol.shots=[]"], "protocol 'few_shot' needs at least one shot count"),
+])
+def test_seed_and_shot_lists_that_would_run_nothing_or_count_twice(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    load_config(None, ["protocol.shots=[]"])  # base2new does not read protocol.shots

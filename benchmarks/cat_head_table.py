@@ -49,7 +49,7 @@ PEER_NOTES = {
     "triton": "fastprompt.kernels.cat_head.cat_head_loss (fused Triton; includes its one-sync value checks)",
     "triton_nocheck": "the same with cat_head.CHECK_VALUES = False (no host sync: what a validated training loop runs)",
     "eager": "fastprompt.kernels.reference.cat_head_loss (plain PyTorch spec, fp32 compute, value checks)",
-    "compile": "torch.compile(fullgraph=True) of the reference maths without data-dependent checks",
+    "compile": "torch.compile(fullgraph=True) of the reference maths without data-dependent checks (fp32 compute, like eager)",
     "liger": "Liger-Kernel LigerFusedLinearCrossEntropyLoss for the CAT part + eager ITM; grads computed in forward",
 }
 

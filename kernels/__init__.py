@@ -4,11 +4,11 @@
 """
 from . import reference
 
+from .attention_module import DecoupledAttention, swap_attention  # backend="reference" needs no Triton
+
 try:
-    # The fused Triton decoupled attention and its drop-in module (the spec stays at .reference).
+    # The fused Triton ops (their reference twins stay at .reference).
     from .decoupled_attention import decoupled_attention
-    from .attention_module import DecoupledAttention, swap_attention
-    # The fused Triton CAT head (the reference twin stays at fastprompt.kernels.reference).
     from .cat_head import cat_head_logits, cat_head_loss
 except ModuleNotFoundError as err:
     if err.name != "triton":
@@ -16,13 +16,13 @@ except ModuleNotFoundError as err:
     # No Triton on this platform (macOS, Windows): the reference and SDPA paths still work, and
     # the fused ops say what to use instead.
     _NO_TRITON = (
-        "fastprompt.kernels.{} needs Triton, which is not installed on this platform; use "
-        "fastprompt.kernels.reference.{} (attention_backend='sdpa' or 'reference', head_backend='reference')"
+        "fastprompt.kernels.{0} needs Triton, which is not installed on this platform; use "
+        "fastprompt.kernels.reference.{0} (attention_backend='sdpa' or 'reference', head_backend='reference')"
     )
 
     def _needs_triton(name):
         def op(*args, **kwargs):
-            raise RuntimeError(_NO_TRITON.format(name, name))
+            raise RuntimeError(_NO_TRITON.format(name))
 
         op.__name__ = name
         return op
@@ -30,7 +30,5 @@ except ModuleNotFoundError as err:
     decoupled_attention = _needs_triton("decoupled_attention")
     cat_head_loss = _needs_triton("cat_head_loss")
     cat_head_logits = _needs_triton("cat_head_logits")
-    DecoupledAttention = _needs_triton("DecoupledAttention")
-    swap_attention = _needs_triton("swap_attention")
 
 __all__ = ["reference", "decoupled_attention", "DecoupledAttention", "swap_attention", "cat_head_loss", "cat_head_logits"]

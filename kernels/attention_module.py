@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Import the function from its module: the package attribute `decoupled_attention` is the function.
-from .decoupled_attention import decoupled_attention as fused_decoupled_attention
 from .reference import decoupled_attention as reference_decoupled_attention
 
 __all__ = ["DecoupledAttention", "swap_attention", "mask_is_causal"]
@@ -148,7 +146,12 @@ class DecoupledAttention(nn.Module):
         qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
         # [B, N, 3, H, Dh] -> three [B, H, N, Dh] views; the kernel takes the strides as they are.
         q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        op = fused_decoupled_attention if self.backend == "triton" else reference_decoupled_attention
+        if self.backend == "triton":
+            # Imported here: backend="reference" works where Triton is not installed. (From its module:
+            # the package attribute `decoupled_attention` is the function.)
+            from .decoupled_attention import decoupled_attention as op
+        else:
+            op = reference_decoupled_attention
         out = op(
             q, k, v, prompt_start=self.prompt_start, num_prompts=self.num_prompts, causal=causal,
             prompt_rows_see_all=self.prompt_rows_see_all, instance_mix=self.instance_mix,

@@ -880,10 +880,11 @@ _cat_head_logits_op.register_autograd(_logits_no_backward, setup_context=lambda 
 # Public ops: the reference's signatures.
 
 
-def _split_scale(logit_scale):
-    """(tensor or None, float): a tensor scale is read by the kernel (no host sync, compile-safe)."""
+def _split_scale(logit_scale, device: torch.device):
+    """(tensor or None, float): a tensor scale is read by the kernel (no host sync, compile-safe),
+    from the features' device (a CPU scalar with CUDA features is moved, as the reference does)."""
     if isinstance(logit_scale, torch.Tensor):
-        return logit_scale.detach().reshape(()), 0.0
+        return logit_scale.detach().reshape(()).to(device=device, dtype=torch.float32), 0.0
     return None, float(logit_scale)
 
 
@@ -923,7 +924,7 @@ def cat_head_loss(
         beta_txt=beta_txt, weight=weight, bias=bias, logit_scale=logit_scale, lam=lam, check_values=False,
     )
     _check_runnable("cat_head_loss", image_features)
-    scale_t, scale_f = _split_scale(logit_scale)
+    scale_t, scale_f = _split_scale(logit_scale, image_features.device)
     loss, _, _, _ = _cat_head_loss_op(
         image_features, text_features, labels, gamma_img, beta_img, gamma_txt, beta_txt, weight, bias,
         scale_t, scale_f, float(lam),
@@ -952,7 +953,7 @@ def cat_head_logits(
         logit_scale=logit_scale, lam=lam, check_values=False,
     )
     _check_runnable("cat_head_logits", image_features)
-    scale_t, scale_f = _split_scale(logit_scale)
+    scale_t, scale_f = _split_scale(logit_scale, image_features.device)
     return _cat_head_logits_op(
         image_features, text_features, gamma_img, beta_img, weight, bias, scale_t, scale_f, float(lam), bool(fuse),
     )

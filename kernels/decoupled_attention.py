@@ -31,22 +31,18 @@ The LSEs returned with `return_lse=True` are analysis outputs: no gradient flows
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from .validation import check_decoupled_attention_args, check_triton_runnable
+from .validation import check_decoupled_attention_args, check_triton_runnable, triton_interpreter_enabled
 
 __all__ = ["decoupled_attention", "MIX_MODES", "INTERPRETED"]
 
 # Triton decides at decoration time whether `@triton.jit` kernels run in its CPU interpreter.
-if hasattr(triton, "knobs"):
-    INTERPRETED = bool(triton.knobs.runtime.interpret)
-else:  # Triton < 3.4 reads the variable directly
-    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = triton_interpreter_enabled()
 
 # Integer codes of the mixing rules inside the kernels.
 MODE_EXACT, MODE_DETACHED, MODE_FIXED, MODE_LEARNED = 0, 1, 2, 3
@@ -57,7 +53,6 @@ MIX_MODES = {"exact": MODE_EXACT, "detached": MODE_DETACHED, "fixed": MODE_FIXED
 POISON_OUTPUTS = False
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 # ----------------------------------------------------------------------------------------------

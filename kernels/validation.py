@@ -220,9 +220,24 @@ def check_cat_head_values(
                 raise ValueError(f"{name} contains NaN or inf; check the encoder outputs (mixed-precision overflow?)")
 
 
+def _read_interpreter_setting() -> bool:
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)  # Triton >= 3.4: its own setting
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# Fixed when Triton is imported (TRITON_INTERPRET must be set before), so read once: a plain bool
+# is also what torch.compile can trace through in the ops' checks.
+_TRITON_INTERPRETED = _read_interpreter_setting()
+
+
 def triton_interpreter_enabled() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, set before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, set before triton is imported).
+    The one test both fused ops use."""
+    return _TRITON_INTERPRETED
 
 
 def check_triton_device(op: str, fallback: str, **tensors: torch.Tensor) -> None:
@@ -265,6 +280,12 @@ def check_triton_runnable(q, *, interpreted: bool, max_head_dim: int) -> None:
         raise ValueError(
             "q is on the CPU and Triton kernels need a CUDA device (or TRITON_INTERPRET=1 set before "
             f"triton is first imported, which runs them slowly on the CPU); {fallback}"
+        )
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # The interpreter's bf16 dot products are wrong (STACK.md): refuse rather than return garbage.
+        raise ValueError(
+            "q is bfloat16 on the CPU: Triton's interpreter computes bf16 wrongly; use float32 or float16 "
+            f"there, or {fallback}"
         )
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"q is on device {q.device}, which the Triton kernel does not support; {fallback}")

@@ -308,7 +308,10 @@ def test_float64_and_empty_batch_point_to_the_reference():
 
 
 def test_cpu_tensors_without_the_interpreter_raise_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # The setting is fixed when Triton is imported: pretend it was imported without the interpreter.
+    from fastprompt.kernels import validation
+
+    monkeypatch.setattr(validation, "_TRITON_INTERPRETED", False)
     feats, labels, params = make_inputs(4, 6, 32, False, seed=4, device="cpu")
     with pytest.raises(ValueError, match=r'need CUDA tensors.*head_backend="reference"'):
         ch.cat_head_loss(feats["image_features"], feats["text_features"], labels, **params, logit_scale=SCALE)
@@ -466,3 +469,13 @@ def test_value_checks_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(ch, "CHECK_VALUES", True)
     with pytest.raises(ValueError, match="image_features contains NaN or inf"):
         ch.cat_head_loss(*args, **params, logit_scale=SCALE)
+
+
+@pytest.mark.gpu
+def test_gpu_cpu_scalar_logit_scale_with_cuda_features():
+    """A CPU scalar temperature (e.g. torch.tensor(100.)) is moved to the features, as the reference does."""
+    feats, labels, params = make_inputs(8, 5, 32, False, seed=23)
+    cpu_scale = torch.tensor(SCALE)
+    fused = ch.cat_head_loss(**feats, labels=labels, **params, logit_scale=cpu_scale)
+    truth = ref.cat_head_loss(**feats, labels=labels, **params, logit_scale=cpu_scale)
+    torch.testing.assert_close(fused, truth.float(), rtol=1e-5, atol=1e-6)

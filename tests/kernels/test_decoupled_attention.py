@@ -137,7 +137,8 @@ SWEEP = [
 @pytest.mark.parametrize("rules", ["fixed/exact", "exact/exact"])
 def test_size_sweep(n, d, num_prompts, rules):
     instance_mix, prompt_mix = rules.split("/")
-    # Alternate the mask through the sweep so both the causal (with see-all) and plain paths see every size.
+    # exact/exact alternates the mask through the sweep (causal with see-all, or plain); fixed/exact runs every
+    # size causal with see-all (its plain path is covered at N=37 by test_every_mix_and_mask).
     causal = (n + d + num_prompts) % 2 == 0 or rules == "fixed/exact"
     kwargs = dict(
         prompt_start=_prompt_start("middle", n, num_prompts), num_prompts=num_prompts, causal=causal,
@@ -320,6 +321,13 @@ def test_bad_input_raises_value_error_naming_the_argument(case, match):
         q, k, v = _qkv(shape=(1, 1, 4, 256))
     with pytest.raises(ValueError, match=match):
         fused.decoupled_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 limit: CPU only")
+def test_bf16_under_the_interpreter_is_refused_not_wrong():
+    q, k, v = _qkv(device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 on the CPU.*float32 or float16"):
+        fused.decoupled_attention(q, k, v, prompt_start=0, num_prompts=1)
 
 
 def test_cpu_tensors_without_interpreter_say_what_to_use(monkeypatch):

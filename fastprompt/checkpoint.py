@@ -33,6 +33,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic_io import atomic_write_bytes
+from .atomic_io import fsync_dir as _fsync_dir
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -83,26 +86,6 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     trainer_tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _write_synced(path: Path, data: bytes) -> str:

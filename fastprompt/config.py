@@ -348,7 +348,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML; atomically, so a kill mid-write never leaves a truncated file."""
-    from .checkpoint import atomic_write_bytes
+    from .atomic_io import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 

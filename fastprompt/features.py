@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .checkpoint import atomic_write_bytes
+from .atomic_io import atomic_write_bytes
 
 __all__ = ["uses_image_features", "EpochImageFeatures", "backbone_fingerprint", "EvalFeatureCache", "encode_samples",
            "features_accuracy", "text_encoders", "configure_text"]

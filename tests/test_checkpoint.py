@@ -119,3 +119,21 @@ def test_optimizer_state_round_trip(name, tmp_path):
         o.step()
     for a, b in zip(params, fresh_params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_atomic_write_that_fails_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    from fastprompt.data import few_shot
+
+    target = tmp_path / "f.txt"
+    atomic_write_bytes(target, b"old")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    with pytest.raises(OSError, match="disk full"):  # the few-shot cache writes through the same helper
+        few_shot._write_atomic(tmp_path / "split.json", {"train": []})
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -56,18 +55,10 @@ def cache_path(cache_dir: str | os.PathLike, name: str, shots: int, seed: int) -
 
 
 def _write_atomic(path: Path, payload: dict) -> None:
+    from ..atomic_io import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never a partial one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, json.dumps(payload).encode("utf-8"))
 
 
 def _read_cache(path: Path, train_fp: str, val_fp: str, n_train: int, n_val: int) -> tuple[list[int], list[int]] | None:

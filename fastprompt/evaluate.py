@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from . import distributed
-from .checkpoint import atomic_write_bytes
+from .atomic_io import atomic_write_bytes
 from .config import Config, ConfigError, check_method_options, config_to_dict, save_config
 from .data.errors import DatasetError
 from .features import (EvalFeatureCache, backbone_fingerprint, configure_text, encode_samples, features_accuracy,
                        uses_image_features)
 from .methods.templates import template_for
+from .report import harmonic_mean
 from .train import RunLogger, autocast_context, fit, load_trained, resolve_device, seed_everything
 
 __all__ = [
@@ -46,10 +47,6 @@ __all__ = [
 ]
 
 Say = Callable[[str], None]
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
 @torch.inference_mode()

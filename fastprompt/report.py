@@ -8,7 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["load_results", "markdown_table", "draw_chart", "write_report"]
+__all__ = ["harmonic_mean", "load_results", "markdown_table", "draw_chart", "write_report"]
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """HM of base and new accuracy, as the base-to-new papers report it (0 when both are 0)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
 def load_results(run_dirs: list[str | Path]) -> list[dict]:
@@ -59,8 +64,8 @@ def markdown_table(results: list[dict]) -> str:
                 if len(mine) > 1:
                     b = sum(r["mean"]["base"] for r in mine) / len(mine)
                     n = sum(r["mean"]["new"] for r in mine) / len(mine)
-                    hm = 2 * b * n / (b + n) if b + n else 0.0
-                    out.append(f"| **{method}** | **average of {len(mine)}** | {_fmt(b)} | {_fmt(n)} | {_fmt(hm)} | |")
+                    out.append(f"| **{method}** | **average of {len(mine)}** | {_fmt(b)} | {_fmt(n)} | "
+                               f"{_fmt(harmonic_mean(b, n))} | |")
         elif protocol in ("cross_dataset", "domain_generalisation"):
             columns = list(dict.fromkeys(c for r in rows for c in r["targets"]))
             out.append("| method | source | source acc. | " + " | ".join(columns) + " | target mean |")

@@ -271,7 +271,7 @@ def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list
     """Run (or skip, or resume) every run; write each results.json and the report. Returns the
     per-folder status rows and the report path."""
     from . import distributed
-    from .evaluate import run_protocol
+    from .evaluate import _silent, run_protocol
     from .report import write_report
 
     runs = expand(sweep)
@@ -300,7 +300,3 @@ def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list
         md, _ = write_report([r["output_dir"] for r in rows], report_dir)
     distributed.barrier()
     return rows, md
-
-
-def _silent(message: str) -> None:
-    pass

@@ -223,8 +223,19 @@ class ImageEncoder(_Encoder):
     ) -> torch.Tensor:
         """images [B, 3, S, S] (normalised) -> image features [B, embed_dim], not normalised."""
         v = self.visual
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        size = tuple(v.image_size) if isinstance(v.image_size, (tuple, list)) else (v.image_size, v.image_size)
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != size:
+            raise ValueError(
+                f"images must have shape [B, 3, {size[0]}, {size[1]}] for this model, got {tuple(images.shape)} "
+                "(resize and centre-crop to the model's image size, e.g. fastprompt.data.eval_transform)"
+            )
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be float tensors normalised with the model's mean/std (ClipBundle.mean/std), "
+                f"got {images.dtype}"
+            )
+        if images.device != self.visual.conv1.weight.device:
+            raise ValueError(f"images are on {images.device} but the model is on {self.visual.conv1.weight.device}")
         x = v.conv1(images.to(self.dtype))
         x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)

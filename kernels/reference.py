@@ -147,10 +147,10 @@ def decoupled_attention(
     return out
 
 
-def _as_scale(logit_scale, like: torch.Tensor) -> torch.Tensor:
+def _as_scale(logit_scale, like: torch.Tensor):
     if isinstance(logit_scale, torch.Tensor):
         return logit_scale.detach().reshape(()).to(device=like.device, dtype=like.dtype)
-    return torch.tensor(float(logit_scale), device=like.device, dtype=like.dtype)
+    return float(logit_scale)  # a Python scalar: no host-to-device copy (and no sync) per call
 
 
 def itm_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:

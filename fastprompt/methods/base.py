@@ -94,15 +94,25 @@ class PromptModel(nn.Module, ABC):
         return keep
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = dict(self.named_parameters())
         expected = set(self._trainable_names())
         given = set(state_dict)
         if strict and given != expected:
             missing, unexpected = sorted(expected - given), sorted(given - expected)
             raise ValueError(
                 f"state dict does not match {self.method}'s trainable parameters: missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]} (was it saved from another method or class count?)"
+                f"unexpected {unexpected[:8]} (was it saved from another method?)"
             )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        wrong = [f"{k} {tuple(v.shape)} (here {tuple(own[k].shape)})" for k, v in state_dict.items()
+                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise ValueError(
+                f"state dict shapes do not match {self.method}: {', '.join(wrong[:4])}; was it saved with "
+                "another class count, number of context tokens or depth?"
+            )
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        # The frozen CLIP is never in these state dicts: report only the trainable keys.
+        return type(result)([k for k in result.missing_keys if k in expected], result.unexpected_keys)
 
 
 class PromptedCLIP(PromptModel):
@@ -115,7 +125,6 @@ class PromptedCLIP(PromptModel):
 
     def __init__(self, clip: ClipBundle, *, attention_backend: str = "sdpa"):
         super().__init__()
-        self.attention_backend = attention_backend
         self.image_encoder = ImageEncoder(clip.model, attention_backend)
         self.text_encoder = TextEncoder(clip.model, attention_backend)
         self.tokenizer = clip.tokenizer
@@ -143,7 +152,7 @@ class PromptedCLIP(PromptModel):
     def itm_loss(self, logits: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the ITM logits plus the method's regulariser."""
         self.check_labels(labels, logits.shape[0])
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels.long())
         extra = self.regularizer(text_features)
         return loss if extra is None else loss + extra
 

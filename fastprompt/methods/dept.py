@@ -64,16 +64,18 @@ class DePT(PromptModel):
     def set_classnames(self, classnames: Sequence[str], cat_head_rows: Optional[Sequence[int]] = None) -> None:
         """Switch classes. The CAT head applies to the training classes, or to the classifier rows
         `cat_head_rows` (one per class, e.g. ImageNet-A's 200 of ImageNet's 1000); else ITM only."""
+        if cat_head_rows is not None:  # checked before anything switches
+            rows = [int(r) for r in cat_head_rows]
+            c_train = len(self.train_classnames)
+            bad = [r for r in rows if not 0 <= r < c_train]
+            if len(rows) != len(classnames) or bad:
+                raise ValueError(
+                    f"cat_head_rows must give one classifier row in [0, {c_train}) per class: "
+                    f"{len(classnames)} classes, {len(rows)} rows" + (f", out of range: {bad[:8]}" if bad else "")
+                )
         self.base.set_classnames(classnames)
         names = self.base.classnames
         if cat_head_rows is not None:
-            rows = [int(r) for r in cat_head_rows]
-            c_train = len(self.train_classnames)
-            if len(rows) != len(names) or any(not 0 <= r < c_train for r in rows):
-                raise ValueError(
-                    f"cat_head_rows must give one classifier row in [0, {c_train}) per class "
-                    f"({len(names)} classes), got {len(rows)} rows"
-                )
             self.cat_rows = torch.tensor(rows, dtype=torch.long, device=self.classifier.weight.device)
             self.cat_head_active = True
         else:

@@ -56,7 +56,6 @@ class _MixWeights(nn.Module):
         if mix == "learned":
             logit = math.log(self.share / (1.0 - self.share))
             self.theta.extend(nn.Parameter(torch.full((heads,), logit, device=device)) for _ in range(num_layers))
-        self.num_layers = num_layers
 
     def layer(self, i: int):
         if self.mix == "fixed":

@@ -60,14 +60,14 @@ class ClassTokens(nn.Module):
         # rounded up to a multiple of 8 positions (tensor-core friendly shapes).
         longest = int(self.pool_index.max()) + 1
         keep = max(min(token_ids.shape[1], -(-longest // 8) * 8), 1 + n_ctx)
-        self.register_buffer("suffix_cut", embeddings[:, 1 + n_ctx : keep].clone(), persistent=False)
+        self.cut_suffix_length = keep - 1 - n_ctx  # `suffix` sliced there (a view, no second copy)
 
     def assemble(self, ctx: torch.Tensor, cut: bool = False) -> torch.Tensor:
         """ctx [n_ctx, W] -> [C, L, W]; per-sample ctx [B, n_ctx, W] -> [B*C, L, W] (sample-major).
 
-        cut=True ends the prompts at `suffix_cut` (for encoders that can truncate: same features)."""
+        cut=True ends the prompts after `cut_suffix_length` suffix tokens (for encoders that can truncate: same features)."""
         c = self.num_classes
-        suffix = self.suffix_cut if cut else self.suffix
+        suffix = self.suffix[:, : self.cut_suffix_length] if cut else self.suffix
         if ctx.ndim == 2:
             ctx = ctx.to(self.prefix.dtype).unsqueeze(0).expand(c, -1, -1)
             return torch.cat([self.prefix, ctx, suffix], dim=1)
@@ -166,7 +166,6 @@ class CoupledVisionPrompts(nn.Module):
         super().__init__()
         check_depth(text_prompts.depth, vision_layers)
         device = text_prompts.ctx.device
-        self.num_layers = vision_layers
         self.projections = nn.ModuleList(
             nn.Linear(text_width, vision_width, device=device) for _ in range(text_prompts.depth)
         )
@@ -183,7 +182,6 @@ class VisionPrompts(nn.Module):
         check_depth(depth, vision_layers)
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"the number of visual prompt tokens must be a positive int, got {n_ctx!r}")
-        self.num_layers = vision_layers
         self.tokens = nn.ParameterList(
             nn.Parameter(torch.empty(n_ctx, width, device=device).normal_(0.0, std)) for _ in range(depth)
         )

@@ -69,7 +69,8 @@ def test_backbone_stays_in_eval_mode(clip):
     model = make("dept+maple", clip)
     model.train()
     assert model.training and model.classifier.training
-    assert not model.base.image_encoder.training and not clip.model.training
+    for encoder in (model.base.image_encoder, model.base.text_encoder):
+        assert not any(m.training for m in encoder.modules())
 
 
 @pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "dpl"])
@@ -127,9 +128,11 @@ def test_dpl_with_exact_mixing_is_maple(clip):
 
 
 def test_dpl_backends_agree(clip):
+    # Exact rules with language conditioning: sdpa takes its masked path, reference the decoupled op.
     torch.manual_seed(2)
-    ref = make("dpl", clip, attention_backend="reference")
-    sdpa = make("dpl", clip, attention_backend="sdpa")
+    exact = dict(instance_mix="exact", prompt_mix="exact", language_conditioned=True)
+    ref = make("dpl", clip, attention_backend="reference", **exact)
+    sdpa = make("dpl", clip, attention_backend="sdpa", **exact)
     sdpa.load_state_dict(ref.state_dict())
     images, _ = batch()
     with torch.no_grad():
@@ -197,8 +200,9 @@ def test_dept_classifier_rows_for_a_class_subset(clip):
         full = model(images).logits
         model.set_classnames([CLASSES[3], CLASSES[1]], cat_head_rows=[3, 1])
         torch.testing.assert_close(model(images).logits, full[:, [3, 1]], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="one classifier row"):
+    with pytest.raises(ValueError, match="out of range: \\[9\\]"):
         model.set_classnames(["a", "b"], cat_head_rows=[0, 9])
+    assert model.classnames == [CLASSES[3], CLASSES[1]]  # a refused switch leaves the model as it was
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -237,6 +241,11 @@ def test_bad_classnames_and_labels(clip):
         model(torch.randn(3, 3, 32, 32), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="state dict does not match"):
         model.load_state_dict({"text_prompts.ctx": torch.zeros(1)} | {"extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shapes do not match.*another class count"):
+        make("dept+coop", clip).load_state_dict(make("dept+coop", clip, NEW).state_dict())
+    assert model.load_state_dict(make("coop", clip).state_dict()).missing_keys == []
+    out = model(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2], dtype=torch.int32))  # int32 labels work
+    assert torch.isfinite(out.loss)
 
 
 def test_method_defaults_are_the_published_ones():

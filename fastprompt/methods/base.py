@@ -136,6 +136,22 @@ class PromptedCLIP(PromptModel):
     def text_features(self, image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Raw class text features: [C, d], or [B, C, d] when the prompts depend on the image."""
 
+    text_depends_on_image = False  # CoCoOp: the prompts take a token from each image
+
+    def cached_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """`text_features`, computed once per evaluation: with no gradient, the same classes and
+        template and unchanged trainable parameters (their in-place versions, so an optimiser step
+        or a load_state_dict counts), every batch would encode the same class prompts again."""
+        if self.text_depends_on_image or torch.is_grad_enabled():
+            return self.text_features(image_features)
+        key = (tuple(self.classnames), getattr(self, "template", None),
+               tuple((id(p), p._version, p.device) for p in self.parameters() if p.requires_grad))
+        cached = self.__dict__.get("_text_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.text_features(image_features))
+            self.__dict__["_text_cache"] = cached  # a plain attribute: never in the state dict
+        return cached[1]
+
     def regularizer(self, text_features: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
@@ -143,7 +159,7 @@ class PromptedCLIP(PromptModel):
         return self.image_encoder(images)
 
     def head(self, image_features: torch.Tensor, labels: Optional[torch.Tensor]) -> ModelOutput:
-        text_features = self.text_features(image_features)
+        text_features = self.cached_text_features(image_features)
         logits = itm_logits(image_features.float(), text_features.float(), self.logit_scale)
         if labels is None:
             return ModelOutput(logits=logits)

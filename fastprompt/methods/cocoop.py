@@ -15,6 +15,7 @@ from .coop import CoOp
 class CoCoOp(CoOp):
     method = "cocoop"
     DEFAULTS = {"n_ctx": 4, "ctx_init": "a photo of a", "ctx_std": 0.02, "meta_net_reduction": 16}
+    text_depends_on_image = True
 
     def __init__(self, clip: ClipBundle, classnames: Sequence[str], *, meta_net_reduction: int, **options):
         super().__init__(clip, classnames, **options)

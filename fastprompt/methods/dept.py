@@ -93,7 +93,7 @@ class DePT(PromptModel):
 
     def head(self, image_features: torch.Tensor, labels: Optional[torch.Tensor]) -> ModelOutput:
         base = self.base
-        text_features = base.text_features(image_features)
+        text_features = base.cached_text_features(image_features)
         if not self.cat_head_active:  # new classes: the CAT classifier knows only the base classes
             logits = itm_logits(image_features.float(), text_features.float(), base.logit_scale)
             loss = None if labels is None else base.itm_loss(logits, text_features, labels)

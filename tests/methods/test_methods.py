@@ -254,3 +254,23 @@ def test_method_defaults_are_the_published_ones():
     assert method_defaults("maple")["depth"] == 9 and method_defaults("maple")["n_ctx"] == 2
     d = method_defaults("dept+kgcoop")
     assert d["lam"] == 0.7 and d["kg_weight"] == 2.0 and method_defaults("kgcoop")["kg_weight"] == 8.0
+
+
+def test_evaluation_encodes_the_class_prompts_once(clip, monkeypatch):
+    model = make("dept+maple", clip).eval()
+    calls = []
+    real = model.base.text_features
+    monkeypatch.setattr(model.base, "text_features", lambda f=None: calls.append(1) or real(f))
+    images, labels = batch()
+    with torch.no_grad():
+        first = model(images).logits
+        torch.testing.assert_close(model(images).logits, first)
+    assert len(calls) == 1  # the second batch reused the features
+    with torch.no_grad():
+        model.base.text_prompts.ctx.add_(0.1)  # a training step changes the prompts in place
+        assert not torch.allclose(model(images).logits, first)
+        model.set_classnames(NEW)
+        assert model(images).logits.shape == (3, len(NEW))
+    assert len(calls) == 3
+    model(images, labels).loss.backward()  # with gradients: always computed afresh
+    assert len(calls) == 4

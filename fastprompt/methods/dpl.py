@@ -83,6 +83,14 @@ class DPL(PromptedCLIP):
         "language_conditioned": True,
     }
 
+    # Options each modality leaves unused: setting one is a mistake worth saying (see factory).
+    # (`template` is not listed: `fastprompt train` passes each dataset's to every method that has one.)
+    UNUSED_OPTIONS = {
+        "text": ("n_vis_ctx", "vis_prompt_position"),
+        "vision": ("n_ctx", "ctx_init", "ctx_std", "language_conditioned"),
+        "multimodal": ("n_vis_ctx", "vis_prompt_position"),
+    }
+
     def __init__(
         self,
         clip: ClipBundle,

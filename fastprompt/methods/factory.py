@@ -89,6 +89,13 @@ def resolve_options(method: str, options: Dict[str, object]) -> Dict[str, object
     resolved = dict(defaults)
     for key, value in options.items():
         resolved[key] = _check_type(method, key, value, defaults[key])
+    unused = getattr(BASE_METHODS[parse_method(method)[1]], "UNUSED_OPTIONS", {}).get(resolved.get("modality"), ())
+    given_unused = sorted(k for k in options if k in unused)
+    if given_unused:
+        raise ValueError(
+            f"option(s) {', '.join(given_unused)} of {method} do nothing with modality={resolved['modality']!r}; "
+            "remove them, or choose the modality that uses them"
+        )
     # A context phrase sets the number of context tokens unless n_ctx is given too (CoOp's rule).
     if options.get("ctx_init") and "n_ctx" not in options:
         resolved["n_ctx"] = None

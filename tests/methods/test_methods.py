@@ -224,6 +224,8 @@ def test_dept_classifier_rows_for_a_class_subset(clip):
         ("dpl", {"instance_mix": "learned", "instance_weight": 1.0}, "must lie in \\(0, 1\\)"),
         ("coop", {"attention_backend": "flash"}, "attention_backend='flash'"),
         ("zsclip", {"template": "a photo"}, "must contain '\\{\\}'"),
+        ("dpl", {"n_vis_ctx": 8}, "n_vis_ctx of dpl do nothing with modality='multimodal'"),
+        ("dept+dpl", {"modality": "vision", "ctx_init": "a photo"}, "ctx_init of dept\\+dpl do nothing"),
     ],
 )
 def test_bad_options(clip, method, options, match):

@@ -234,14 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import distributed
     from .train import TrainingInterrupted
 
-    # FloatingPointError: the loss diverged; the message says what to change.
+    # FloatingPointError: the loss diverged; the message says what to change. ValueError covers
+    # the data layer's DatasetError.
     expected = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError)
-    try:
-        from .data import DatasetError
-
-        expected = (*expected, DatasetError)
-    except ImportError:
-        pass
     handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
                "sweep": _sweep}[args.command]
     try:

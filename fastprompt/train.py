@@ -209,7 +209,6 @@ class RunLogger:
             handler = logging.FileHandler(run_dir / "train.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             self.log.addHandler(handler)
-        self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -531,7 +530,6 @@ class _Saver:
                 "seed": self.seed,
                 "epoch_losses": epoch_losses,
                 "optimizer": optim_rest,
-                "scheduler": {"kind": self.config_dict["optim"]["scheduler"], "next_epoch": epoch},
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "config": self.config_dict,
                 "world_size": distributed.world_size(),

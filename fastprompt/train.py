@@ -265,11 +265,16 @@ _EVAL_IRRELEVANT = _RESUME_IRRELEVANT | {"data.root", "data.cache_dir", "data.al
                                          "train.text_chunk_size"}
 
 
-def _check_resumable(saved: dict, current: dict, path: Path) -> None:
+def _config_changes(saved: dict, current: dict, ignored: set) -> str:
+    """"key: old -> new, ..." for every key outside `ignored` that differs ("" when none does)."""
     a, b = _flat(saved), _flat(current)
-    changed = [k for k in sorted(set(a) | set(b)) if k not in _RESUME_IRRELEVANT and a.get(k) != b.get(k)]
-    if changed:
-        diffs = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+    changed = [k for k in sorted(set(a) | set(b)) if k not in ignored and a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+
+
+def _check_resumable(saved: dict, current: dict, path: Path) -> None:
+    diffs = _config_changes(saved, current, _RESUME_IRRELEVANT)
+    if diffs:
         raise ConfigError(
             f"cannot resume from {path}: the config changed ({diffs}). Restore those values, "
             "or start a fresh run in a new output_dir"
@@ -277,10 +282,8 @@ def _check_resumable(saved: dict, current: dict, path: Path) -> None:
 
 
 def _check_evaluable(saved: dict, current: dict, path: Path) -> None:
-    a, b = _flat(saved), _flat(current)
-    changed = [k for k in sorted(set(a) | set(b)) if k not in _EVAL_IRRELEVANT and a.get(k) != b.get(k)]
-    if changed:
-        diffs = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+    diffs = _config_changes(saved, current, _EVAL_IRRELEVANT)
+    if diffs:
         raise ConfigError(
             f"cannot evaluate {path} with this config: it was trained with other values ({diffs}). "
             "Drop those overrides (eval may change only "

@@ -17,6 +17,8 @@ import open_clip
 import torch
 from torch import nn
 
+from .shipped_weights import load_into, shipped_checkpoint, shipped_tags
+
 __all__ = ["ClipBundle", "load_clip", "available_models", "TINY_MODEL"]
 
 # Small configs shipped with fastprompt (a tiny ViT for tests and the CPU demo).
@@ -97,6 +99,9 @@ def _create(name: str, pretrained: Optional[str], seed: int) -> nn.Module:
         raise ValueError(f"unknown open_clip model {name!r}.{hint} See fastprompt.clip.available_models().")
     if pretrained is None or pretrained == "none":
         return _create_random(name, seed)
+    shipped = shipped_checkpoint(name, pretrained)
+    if shipped is not None:  # weights inside the package (fastprompt-world/world): no network
+        return load_into(_create_random(name, seed), shipped)
     if os.path.isfile(pretrained):
         try:
             return open_clip.create_model(name, pretrained=pretrained)
@@ -110,7 +115,7 @@ def _create(name: str, pretrained: Optional[str], seed: int) -> nn.Module:
             f"checkpoint file {pretrained!r} for model {name!r} does not exist; pass an existing file, "
             "an open_clip pretrained tag, or None for random weights"
         )
-    tags = open_clip.list_pretrained_tags_by_model(name)
+    tags = open_clip.list_pretrained_tags_by_model(name) + shipped_tags(name)
     if pretrained not in tags:
         raise ValueError(
             f"{pretrained!r} is neither a file nor a pretrained tag of {name!r}; "
@@ -135,8 +140,9 @@ def load_clip(
 ) -> ClipBundle:
     """Build open_clip model `name`, frozen and in eval mode, in `dtype` on `device`.
 
-    pretrained: None (random init from `seed`, the same weights every time), an open_clip tag, or a
-    local checkpoint file.
+    pretrained: None (random init from `seed`, the same weights every time), an open_clip tag, a tag
+    of weights shipped with fastprompt (`load_clip("fastprompt-world", "world")`), or a local
+    checkpoint file.
     """
     dtype = _resolve_dtype(dtype)
     model = _create(name, pretrained, seed)

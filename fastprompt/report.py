@@ -54,10 +54,11 @@ def markdown_table(results: list[dict]) -> str:
             out.append("| method | dataset | Base | New | HM | train images/s |")
             out.append("|---|---|---:|---:|---:|---:|")
             for r in rows:
-                rate = sum(run["train"].get("images_per_s", 0) for run in r["runs"]) / len(r["runs"])
+                rates = [run["train"]["images_per_s"] for run in r["runs"] if "images_per_s" in run["train"]]
+                rate = f"{sum(rates) / len(rates):.1f}" if rates else "-"  # zero-shot rows train nothing
                 m = r["mean"]
                 out.append(f"| {r['method']} | {r['dataset']} | {_fmt(m['base'])} | {_fmt(m['new'])} | "
-                           f"{_fmt(m['hm'])} | {rate:.1f} |")
+                           f"{_fmt(m['hm'])} | {rate} |")
             # A sweep: each method's mean over its datasets, HM of the means (as the papers report).
             for method in dict.fromkeys(r["method"] for r in rows):
                 mine = [r for r in rows if r["method"] == method]

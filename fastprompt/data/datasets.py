@@ -23,7 +23,8 @@ The four ImageNet variants read ImageNet's classnames.txt from their own folder 
 instructions copy it there), else from `<data root>/imagenet/classnames.txt`; they have only a
 test split. Class names of the split-file datasets are the split files' third column (CoOp's
 cleaned names). "imagefolder" reads a user's own tree (see `imagefolder.py`); its dataset name is
-the folder's name.
+the folder's name. The `world_*` datasets are rendered by fastprompt itself into
+`<data root>/world/` on first use (see fastprompt/world/dataset.py): nothing to download.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from .imagefolder import IMAGEFOLDER_LAYOUT, load_imagefolder
 from .imagenet import IMAGENET_LAYOUT, load_imagenet, load_imagenet_variant, variant_layout
 from .split_files import FGVC_LAYOUT, load_fgvc_aircraft, load_split_file_dataset, split_file_layout
 from .splits import DatasetSplits
+from ..world.catalog import FOLDER as WORLD_FOLDER, LAYOUT as WORLD_LAYOUT, dataset_names as world_dataset_names
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class DatasetSpec:
     folder: str | None
     layout: str
     read: Callable[[Path, Path], DatasetSplits]  # (data root, dataset folder) -> splits
+    generated: bool = False  # rendered by fastprompt on first use: the data root is created if missing
 
 
 def _split_file_spec(name: str, folder: str, image_dir: str, split_file: str) -> DatasetSpec:
@@ -85,6 +88,18 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def _world_spec(name: str, task: str, domain: str) -> DatasetSpec:
+    def read(root: Path, folder: Path) -> DatasetSplits:
+        from ..world.dataset import load_world  # imports the data layer: not at module level
+
+        return load_world(folder, task, domain)
+
+    return DatasetSpec(name, WORLD_FOLDER, WORLD_LAYOUT, read, generated=True)
+
+
+DATASETS.update({name: _world_spec(name, task, domain) for name, (task, domain) in world_dataset_names().items()})
+
+
 def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
     """Read dataset `name` from the data root `root` (the community layout, see PROTOCOLS.md).
 
@@ -97,6 +112,8 @@ def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
     root = Path(root).expanduser()
+    if spec.generated:
+        root.mkdir(parents=True, exist_ok=True)
     if not root.is_dir():
         state = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout:\n{spec.layout}")

@@ -122,8 +122,11 @@ def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fa
     say(f"data:  {first.data.dataset}: {task.description}; the '{domain}' domain (fastprompt/world),")
     say(f"       {len(splits.train) + len(splits.val) + len(splits.test):,} rendered images in {first.data.root}/world/{domain}; "
         f"{n_base} base classes (trained on, {first.data.shots} shots each), {len(task.classes) - n_base} new (never seen)")
-    say(f"model: {first.model.name} with its shipped '{first.model.pretrained}' weights: a 8M-parameter CLIP pretrained "
-        "on this world (fastprompt world pretrain); nothing downloaded")
+    if first.model.pretrained == DEMO_SETTINGS["model"]["pretrained"]:
+        say(f"model: {first.model.name} with the weights shipped in the package ('{first.model.pretrained}'): a 7.6M-"
+            "parameter CLIP pretrained on this world (fastprompt world pretrain); nothing downloaded")
+    else:
+        say(f"model: {first.model.name}, weights: {first.model.pretrained or 'random init'}")
     say(f"runs:  {', '.join(methods)}; {first.train.epochs} epochs, batch {first.train.batch_size}, "
         f"seeds {', '.join(map(str, first.data.seeds))}\n")
     results = []

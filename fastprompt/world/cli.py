@@ -66,7 +66,7 @@ def _pretrain(args) -> None:
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     z = record["zero_shot"]
     print(f"\nwrote {out} ({record['file_bytes'] / 1e6:.2f} MB) in {record['train_seconds']:.0f} s of training "
-          f"({record['threads']} threads, load average {record['load_average_before'][0]} before, "
+          f"({record['recipe']['threads']} threads, load average {record['load_average_before'][0]} before, "
           f"{record['load_average_after'][0]} after)")
     print(f"zero-shot 'a photo of a <colour> <shape>.': seen pairs {z['seen']:.2f}% (64-way), held-out pairs "
           f"{z['held_out']:.2f}% (64-way) / {z['held_out_16']:.2f}% (16-way), colour {z['colour']:.2f}%, "

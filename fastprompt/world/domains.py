@@ -25,7 +25,7 @@ class Domain:
 
     offset: float = 3.0
     rotation: float = 15.0
-    radius: tuple[float, float] = (5.5, 9.5)
+    radius: tuple[float, float] = (7.0, 11.0)
     radius_jitter: float = 0.1
     colour_jitter: float = 0.04
     hue_shift: float = 0.0

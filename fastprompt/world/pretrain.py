@@ -42,7 +42,7 @@ class Recipe:
     """Everything the shipped weights depend on. `steps` x `batch_size` fresh images."""
 
     seed: int = 0
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -54,9 +54,10 @@ class Recipe:
 
 
 def _build_model(seed: int) -> nn.Module:
-    from ..clip import _create_random  # the same seeded random init load_clip uses
+    """The random init `load_clip(MODEL_NAME, seed=seed)` gives (its own seeded RNG), trainable."""
+    from ..clip import load_clip
 
-    return _create_random(MODEL_NAME, seed)
+    return load_clip(MODEL_NAME, None, seed=seed).model.requires_grad_(True)
 
 
 def _param_groups(model: nn.Module, compact: nn.Parameter, weight_decay: float) -> list[dict]:

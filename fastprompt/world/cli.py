@@ -60,6 +60,9 @@ def _pretrain(args) -> None:
     recipe = replace(Recipe(), seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      threads=args.threads)
     out = Path(args.out)
+    shipped = SHIPPED[("fastprompt-world", "world")]
+    # Read before training: --out may be the shipped file itself (rebuilding it in place).
+    shipped_digest = load_packed(shipped.file)[1].get("weights_sha256") if shipped.file.is_file() else None
     print(f"pretraining fastprompt-world: {recipe}", flush=True)
     model, record = pretrain(recipe, device=args.device, say=lambda m: print(m, flush=True))
     record = save_weights(model, out, record)
@@ -71,9 +74,8 @@ def _pretrain(args) -> None:
     print(f"zero-shot 'a photo of a <colour> <shape>.': seen pairs {z['seen']:.2f}% (64-way), held-out pairs "
           f"{z['held_out']:.2f}% (64-way) / {z['held_out_16']:.2f}% (16-way), colour {z['colour']:.2f}%, "
           f"shape {z['shape']:.2f}%")
-    shipped = SHIPPED[("fastprompt-world", "world")]
-    if shipped.file.is_file():
-        same = load_packed(shipped.file)[1].get("weights_sha256") == record["weights_sha256"]
+    if shipped_digest is not None:
+        same = shipped_digest == record["weights_sha256"]
         print("identical to the shipped weights, bit for bit" if same else
               "differs from the shipped weights (expected with another recipe, device, thread count or torch)")
 

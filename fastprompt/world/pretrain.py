@@ -3,7 +3,7 @@
 Contrastive image-text pretraining of a small open_clip ViT on freshly rendered images (never the
 same image twice): every step draws `batch_size` scenes of the 48 pretraining pairs (the 16
 held-out pairs are never drawn), renders them, and captions each with one template (a third of
-them partial: "a red shape.", "a star."). The loss is CLIP's symmetric cross-entropy with every
+them partial: "a red shape.", "a star."; half of them led by filler words, see captions.py). The loss is CLIP's symmetric cross-entropy with every
 caption that is true of an image counted as a positive (`captions.positives`): a partial caption
 names fewer attributes and so is true of many images in a batch.
 
@@ -42,7 +42,7 @@ class Recipe:
     """Everything the shipped weights depend on. `steps` x `batch_size` fresh images."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -127,7 +127,7 @@ def _train(recipe: Recipe, dev: torch.device, say: Callable[[str], None], log_ev
     std = torch.tensor(preprocess["std"], device=dev).view(1, 3, 1, 1)
 
     captions = CaptionTable.build(tokenizer)
-    vocab = torch.unique(captions.tokens)  # the token rows pretraining can ever read
+    vocab = captions.vocabulary()  # the token rows pretraining can ever read
     to_compact = torch.full((model.token_embedding.num_embeddings,), -1, dtype=torch.long)
     to_compact[vocab] = torch.arange(vocab.numel())
     compact = nn.Parameter(model.token_embedding.weight.detach()[vocab.to(dev)].clone())

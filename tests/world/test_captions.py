@@ -3,8 +3,8 @@ import open_clip
 import torch
 
 import fastprompt.clip  # noqa: F401  (registers the fastprompt-world config)
-from fastprompt.world.captions import (ATTRIBUTES, FULL_TEMPLATES, TEMPLATES, CaptionTable, named_attributes,
-                                       positives, vocabulary_token_ids)
+from fastprompt.world.captions import (ATTRIBUTES, FILLER_WORDS, FULL_TEMPLATES, MAX_FILLER, TEMPLATES, CaptionTable,
+                                       named_attributes, positives)
 from fastprompt.world.vocabulary import NUM_COLOURS, NUM_SHAPES, class_name
 
 TOKENIZER = open_clip.get_tokenizer("fastprompt-world")
@@ -33,14 +33,29 @@ def test_sampled_captions_describe_their_images():
     named = constraints >= 0
     assert torch.equal(constraints[named], attrs[named])
     assert 0.25 < float((~named[:, 0] | ~named[:, 1]).float().mean()) < 0.45  # partial captions: about a third
+    texts = [_text(t) for t in tokens]
     for i in range(20):  # the words of the named attributes are in the caption's text
-        text = _text(tokens[i])
+        text = texts[i]
         words = {"colour": ["red", "orange", "yellow", "green", "turquoise", "blue", "purple", "pink"],
                  "shape": ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart"],
                  "size": ["small", "large"], "background": ["dark", "light"]}
         for a, name in enumerate(ATTRIBUTES):
             if named[i, a]:
                 assert words[name][int(attrs[i, a])] in text.split(), (text, name)
+
+
+def test_filler_words_lead_half_the_captions_and_leave_the_rest_intact():
+    table = CaptionTable.build(TOKENIZER)
+    g = torch.Generator().manual_seed(3)
+    original = table.tokens.flatten(0, -2)[torch.randint(table.tokens[..., 0].numel(), (2000,), generator=g)]
+    out = table._with_filler(original, g)
+    eot = 49407
+    k = (out == eot).int().argmax(1) - (original == eot).int().argmax(1)  # how far the caption moved
+    assert int(k.min()) == 0 and int(k.max()) == MAX_FILLER and 0.4 < float((k > 0).float().mean()) < 0.6
+    filler = set(TOKENIZER(list(FILLER_WORDS))[:, 1].tolist())
+    for row, src, n in zip(out, original, k.tolist()):
+        assert row[0] == src[0] and set(row[1:n + 1].tolist()) <= filler
+        assert torch.equal(row[n + 1:], src[1:len(src) - n])
 
 
 def test_positives_match_a_brute_force_check():
@@ -54,7 +69,7 @@ def test_positives_match_a_brute_force_check():
 
 def test_named_attributes_and_vocabulary():
     assert named_attributes("a {size} {shape}.") == (False, True, True, False)
-    ids = set(vocabulary_token_ids(TOKENIZER).tolist())
+    ids = set(CaptionTable.build(TOKENIZER).vocabulary().tolist())
     prompts = TOKENIZER([f"a photo of a {class_name(c, s)}." for c in range(NUM_COLOURS) for s in range(NUM_SHAPES)])
     assert set(prompts.unique().tolist()) <= ids  # every zero-shot prompt token is a trained row
     assert len(ids) < 60

@@ -87,15 +87,16 @@ class EpochImageFeatures:
 
 
 def backbone_fingerprint(clip, precision: str) -> str:
-    """A short hash of everything that determines image features: architecture, weights, dtype,
-    preprocessing and compute precision. Random-init backbones differ by their weights digest."""
+    """A short hash of everything that determines image features: architecture (activation included:
+    the same weights give other features under GELU and QuickGELU), weights, dtype, preprocessing and
+    compute precision. Random-init backbones differ by their weights digest."""
     digest = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
         for name, tensor in clip.model.visual.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    meta = {"model": clip.name, "dtype": str(clip.dtype), "precision": precision, "image_size": clip.image_size,
-            "mean": list(clip.mean), "std": list(clip.std), "weights": digest.hexdigest()}
+    meta = {"model": clip.name, "activation": clip.activation, "dtype": str(clip.dtype), "precision": precision,
+            "image_size": clip.image_size, "mean": list(clip.mean), "std": list(clip.std), "weights": digest.hexdigest()}
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
 
 

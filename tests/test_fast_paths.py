@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -238,11 +240,13 @@ def test_text_chunk_size_reaches_every_text_encoder(digits, tmp_path):
     assert [enc.chunk_size for enc in text_encoders(model)] == [2]
 
 
-def test_backbone_fingerprint_follows_weights_and_precision(clip):
+def test_backbone_fingerprint_follows_weights_activation_and_precision(clip):
     fp = backbone_fingerprint(clip, "fp32")
     assert backbone_fingerprint(clip, "fp32") == fp and backbone_fingerprint(clip, "bf16") != fp
     other = load_clip(TINY_MODEL, None)
     assert backbone_fingerprint(other, "fp32") == fp  # the same weights
+    # The same weights under QuickGELU give other features: features cached under GELU must not be reused.
+    assert backbone_fingerprint(dataclasses.replace(other, activation="quick_gelu"), "fp32") != fp
     with torch.no_grad():
         other.model.visual.transformer.resblocks[-1].mlp.c_proj.bias[0] += 1e-3  # one weight, deep inside
     assert backbone_fingerprint(other, "fp32") != fp

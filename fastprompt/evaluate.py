@@ -169,6 +169,7 @@ class Session:
         clip = load_clip(cfg.model.name, cfg.model.pretrained, dtype=cfg.model.dtype, device=device)
         if distributed.is_main():
             distributed.barrier()
+        say(f"  {clip.build_note}")
         out = Path(cfg.output_dir)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} exists and is not a folder; choose another output_dir=...")
@@ -200,7 +201,7 @@ class Session:
         seed_everything(seed)  # the prompt/head initialisation depends on the seed, as in Dassl
         options = dict(self.method_options)
         if self.follows_dataset_template:
-            options["template"] = template_for(self.cfg.data.dataset)
+            options["template"] = template_for(self.cfg.method.name, self.cfg.data.dataset)
         model = build_model(self.cfg.method.name, self.clip, list(classnames), **options)
         configure_text(model, chunk_size=self.cfg.train.text_chunk_size)
         return model.to(self.device)
@@ -215,7 +216,7 @@ class Session:
     def use_dataset_template(self, model: nn.Module, dataset: str) -> None:
         """Before switching `model` to `dataset`'s classes: that dataset's template (cross-dataset)."""
         if self.follows_dataset_template:
-            getattr(model, "base", model).template = template_for(dataset)
+            getattr(model, "base", model).template = template_for(self.cfg.method.name, dataset)
 
     def train_model(self, model: nn.Module, train_samples: list, run_dir: Path, seed: int) -> dict:
         """Fit on `train_samples` (or load run_dir's checkpoint when not training); train stats."""
@@ -239,6 +240,7 @@ class Session:
                                 allow_corrupt=cfg.data.allow_corrupt, num_workers=cfg.train.num_workers)
         augment = GpuAugment(clip.image_size, clip.mean, clip.std, scale=tuple(cfg.data.crop_scale)).to(self.device)
         logger = RunLogger(run_dir)
+        logger.info(f"backbone {clip.name}: {clip.build_note}")
         if cache.skipped:
             logger.info(f"skipped {len(cache.skipped)} unreadable training images (data.allow_corrupt=true)")
         try:

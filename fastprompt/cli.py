@@ -15,8 +15,11 @@ OVERRIDES_HELP = (
 
 CONFIG_KEYS_HELP = """\
 config sections and keys (configs/*.yaml set them; override any with key.sub=value):
-  model.name            open_clip model (ViT-B-16, ...; fastprompt-tiny for tests)
-  model.pretrained      open_clip tag (openai), a local checkpoint file, or null for random weights
+  model.name            open_clip model (ViT-B-16-quickgelu, ...; fastprompt-tiny for tests). OpenAI's
+                        weights need QuickGELU: the `openai` tag and OpenAI's .pt archives build it
+                        under any name; a state-dict file of OpenAI weights needs a *-quickgelu name
+  model.pretrained      open_clip tag (openai), a local OpenAI archive (~/.cache/clip/ViT-B-16.pt),
+                        a local open_clip state-dict file, or null for random weights
   model.dtype           fp32 | bf16 | fp16 storage of the frozen CLIP
   method.name           zsclip coop cocoop kgcoop maple dpl, each also as dept+<name>
   method.options.*      the method's options (n_ctx, ctx_init, lam, ...; see method_defaults)

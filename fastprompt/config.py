@@ -43,8 +43,10 @@ ProtocolName = Literal["base2new", "cross_dataset", "domain_generalisation", "fe
 
 @dataclass
 class ModelConfig:
-    name: str = "ViT-B-16"  # an open_clip model name (open_clip.list_models()) or a shipped config
-    pretrained: Optional[str] = "openai"  # open_clip tag, a local checkpoint path, or null = random
+    # An open_clip model name (open_clip.list_models()) or a shipped config. OpenAI's weights need
+    # QuickGELU: the `openai` tag and OpenAI's archives build it under any name (fastprompt.clip).
+    name: str = "ViT-B-16-quickgelu"
+    pretrained: Optional[str] = "openai"  # open_clip tag, a local checkpoint (archive or state dict), or null = random
     dtype: Precision = "fp32"  # storage dtype of the frozen CLIP weights
 
 

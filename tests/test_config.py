@@ -1,4 +1,5 @@
 """The typed config: YAML + overrides, strict keys with suggestions, clear type errors."""
+import open_clip
 import pytest
 import yaml
 
@@ -129,6 +130,10 @@ def test_every_shipped_config_loads_and_names_real_options():
         check_method_options(cfg, METHOD_NAMES, method_defaults(cfg.method.name))
         if path.parent.name != "configs":  # the published settings
             assert cfg.protocol.name == path.parent.name and cfg.model.pretrained == "openai", path
+            # The model name builds the activation the weights were trained with (QuickGELU for OpenAI's),
+            # so the tag, OpenAI's archive and a state dict of those weights all give the published model.
+            tag_cfg = open_clip.get_pretrained_cfg(cfg.model.name, cfg.model.pretrained)
+            assert open_clip.get_model_config(cfg.model.name).get("quick_gelu") is tag_cfg["quick_gelu"] is True, path
             assert (cfg.train.epochs, cfg.data.shots, cfg.data.seeds, cfg.optim.head_lr_mult) == (10, 16, [1, 2, 3], 6.5)
             cocoop = cfg.method.name.endswith("cocoop")
             assert (cfg.train.batch_size, cfg.optim.lr) == ((1, 0.002) if cocoop else (4, 0.0035)), path

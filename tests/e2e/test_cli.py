@@ -41,6 +41,8 @@ def test_demo_runs_and_prints_the_table(tmp_path, run_cli, capsys):
                  "data/train/zero", "data/test/nine"):
         assert (out / name).exists(), name
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The run's log says which activation the backbone was built with, and why.
+    assert "backbone fastprompt-tiny: towers built with nn.GELU (random weights" in (out / "seed1/train.log").read_text()
     assert _final_weights(out)  # a checkpoint with the trained tensors
 
     # `fastprompt eval` rebuilds the models from the checkpoints and gets the same accuracies.

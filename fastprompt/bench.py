@@ -791,7 +791,9 @@ def main(argv: Optional[list[str]] = None, args: Optional[argparse.Namespace] = 
 
     bad = [m for m in methods if m not in METHOD_NAMES]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     matmul = measure_matmul_rate(device, smoke=args.smoke)

@@ -157,23 +157,24 @@ def _train(args) -> None:
 
 def _refuse_earlier_run(out: Path) -> None:
     """A plain `train` must not silently replace a run that is already there (nothing written is lost)."""
-    from .config import ConfigError
+    from .errors import RunFolderError
 
     found = [p for p in (out / "results.json", *out.glob("**/checkpoints/latest")) if p.is_file()] if out.is_dir() else []
     if found:
-        raise ConfigError(
+        raise RunFolderError(
             f"output_dir {out} already holds a run ({found[0]}); continue it with --resume, train elsewhere with "
             "output_dir=..., or start it again with --overwrite"
         )
 
 
 def _eval(args) -> None:
-    from .config import ConfigError, load_config
+    from .config import load_config
+    from .errors import RunFolderError
     from .evaluate import run_protocol
 
     config = Path(args.run_dir) / "config.yaml"
     if not config.is_file():
-        raise ConfigError(f"{args.run_dir} is not a run folder (no config.yaml); pass the output_dir of a train run")
+        raise RunFolderError(f"{args.run_dir} is not a run folder (no config.yaml); pass the output_dir of a train run")
     cfg = load_config(config, [f"output_dir={args.run_dir}", *args.overrides])
     from . import distributed
 
@@ -231,20 +232,15 @@ def _demo(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-
     from . import distributed
+    from .errors import FastpromptError
     from .train import TrainingInterrupted
 
-    # FloatingPointError: the loss diverged; the message says what to change. ValueError covers
-    # the data layer's DatasetError.
-    expected = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError)
     handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
                "sweep": _sweep}[args.command]
     try:
         handler(args)
-    except expected as exc:  # the user's input: say what is wrong, no traceback
+    except FastpromptError as exc:  # the user's input: say what is wrong, no traceback; a bug keeps its traceback
         if args.traceback or os.environ.get("FASTPROMPT_TRACEBACK"):
             raise
         where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""

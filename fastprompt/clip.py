@@ -30,6 +30,8 @@ import open_clip
 import torch
 from torch import nn
 
+from .errors import MissingFileError, ModelError
+
 __all__ = ["ClipBundle", "load_clip", "available_models", "TINY_MODEL"]
 
 log = logging.getLogger(__name__)
@@ -79,10 +81,10 @@ def available_models():
 def _resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+            raise ModelError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        raise ModelError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
@@ -139,8 +141,8 @@ def _build(name: str, seed: int, quick_gelu: Optional[bool], **kwargs) -> nn.Mod
         logging.getLogger().removeFilter(quiet)
 
 
-def _misfit(path: str, name: str, err: Exception) -> ValueError:
-    return ValueError(
+def _misfit(path: str, name: str, err: Exception) -> ModelError:
+    return ModelError(
         f"checkpoint {path!r} does not fit open_clip model {name!r}: {err}. Check that the file holds "
         "weights of this architecture (model name and size): an OpenAI CLIP archive, or a state dict "
         "saved from this open_clip model."
@@ -158,7 +160,7 @@ def _load_openai_archive(name: str, path: str, seed: int, preprocess: Optional[d
             warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated; the files remain
             state = torch.jit.load(path, map_location="cpu").state_dict()
     except Exception as err:  # noqa: BLE001 - a damaged archive: say which file
-        raise ValueError(f"checkpoint {path!r} looks like an OpenAI TorchScript archive but cannot be read: {err}") from err
+        raise ModelError(f"checkpoint {path!r} looks like an OpenAI TorchScript archive but cannot be read: {err}") from err
     state = {k: v for k, v in state.items() if k not in _OPENAI_ARCHIVE_SCALARS}
     model = _build(name, seed, True, pretrained=None, force_preprocess_cfg=preprocess)
     try:
@@ -181,7 +183,7 @@ def _from_file(name: str, path: str, seed: int, quick_gelu: Optional[bool] = Non
     the model name decides)."""
     if is_openai_archive(path):
         if quick_gelu is False:
-            raise ValueError(f"{path!r} is an OpenAI CLIP archive; OpenAI trained it with QuickGELU, not GELU")
+            raise ModelError(f"{path!r} is an OpenAI CLIP archive; OpenAI trained it with QuickGELU, not GELU")
         return _Built(_load_openai_archive(name, path, seed, preprocess),
                       f"{path} is an OpenAI checkpoint archive: OpenAI trained with QuickGELU")
     try:
@@ -204,7 +206,7 @@ def _check_tag(name: str, tag: str) -> dict:
     owners = [m for m in open_clip.list_models() if tag in open_clip.list_pretrained_tags_by_model(m)]
     related = [m for m in owners if m.startswith(name) or name.startswith(m)]
     hint = f" Tag {tag!r} belongs to {', '.join(related)}." if related else ""
-    raise ValueError(
+    raise ModelError(
         f"{tag!r} is neither a file nor a pretrained tag of {name!r}; its tags are: {', '.join(tags) or '(none)'}.{hint}"
     )
 
@@ -218,7 +220,7 @@ def _from_tag(name: str, tag: str, seed: int) -> _Built:
     try:
         path = open_clip.pretrained.download_pretrained(cfg)
     except Exception as err:
-        raise RuntimeError(
+        raise ModelError(
             f"could not fetch the {tag!r} weights of {name!r} ({err}). Without network access, download "
             "the checkpoint elsewhere and pass its local path as `pretrained` (for OpenAI weights, the "
             "archive OpenAI's clip package keeps in ~/.cache/clip, e.g. ViT-B-16.pt)."
@@ -232,14 +234,14 @@ def _create(name: str, pretrained: Optional[str], seed: int) -> _Built:
     if name not in open_clip.list_models():
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown open_clip model {name!r}.{hint} See fastprompt.clip.available_models().")
+        raise ModelError(f"unknown open_clip model {name!r}.{hint} See fastprompt.clip.available_models().")
     if pretrained is None or pretrained == "none":
         return _Built(_build(name, seed, None, pretrained=None), f"random weights: the model name {name!r} decides")
     pretrained = os.path.expanduser(pretrained)  # ~/.cache/clip/ViT-B-16.pt, as the research code keeps it
     if os.path.isfile(pretrained):
         return _from_file(name, pretrained, seed)
     if _looks_like_path(pretrained):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"checkpoint file {pretrained!r} for model {name!r} does not exist; pass an existing file, "
             "an open_clip pretrained tag, or None for random weights"
         )

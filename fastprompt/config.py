@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -31,10 +33,6 @@ __all__ = [
     "apply_overrides",
     "save_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value or key the user must fix; the message says which and how."""
 
 
 Precision = Literal["fp32", "bf16", "fp16"]

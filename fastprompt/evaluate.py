@@ -202,7 +202,11 @@ class Session:
         options = dict(self.method_options)
         if self.follows_dataset_template:
             options["template"] = template_for(self.cfg.method.name, self.cfg.data.dataset)
-        model = build_model(self.cfg.method.name, self.clip, list(classnames), **options)
+        try:
+            model = build_model(self.cfg.method.name, self.clip, list(classnames), **options)
+        except ValueError as exc:
+            # The model API refuses bad options with ValueErrors; here they came from the config.
+            raise ConfigError(f"method {self.cfg.method.name}: {exc} (set in method.options)") from exc
         configure_text(model, chunk_size=self.cfg.train.text_chunk_size)
         return model.to(self.device)
 

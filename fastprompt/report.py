@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import MissingFileError, ResultsError
+
 __all__ = ["harmonic_mean", "load_results", "markdown_table", "draw_chart", "write_report"]
 
 
@@ -21,14 +23,14 @@ def load_results(run_dirs: list[str | Path]) -> list[dict]:
     for run_dir in run_dirs:
         path = Path(run_dir) / "results.json" if Path(run_dir).is_dir() else Path(run_dir)
         if not path.is_file():
-            raise FileNotFoundError(f"no results.json in {run_dir}: run `fastprompt train` there first")
+            raise MissingFileError(f"no results.json in {run_dir}: run `fastprompt train` there first")
         try:
             data = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); rerun `fastprompt eval {path.parent}` to "
+            raise ResultsError(f"{path} is not valid JSON ({exc}); rerun `fastprompt eval {path.parent}` to "
                              "write it again from the run's checkpoints") from None
         if not isinstance(data, dict) or "protocol" not in data:
-            raise ValueError(f"{path} is not a fastprompt results.json (no 'protocol'); pass run folders "
+            raise ResultsError(f"{path} is not a fastprompt results.json (no 'protocol'); pass run folders "
                              "written by `fastprompt train`")
         data["_run_dir"] = str(path.parent)
         results.append(data)

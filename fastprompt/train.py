@@ -32,7 +32,6 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import (
-    CheckpointError,
     latest_checkpoint_dir,
     load_checkpoint,
     optimizer_state_from_flat,
@@ -40,7 +39,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .compiled import compile_encoders
+from .errors import CheckpointError
 from .config import Config, ConfigError, OptimConfig, config_to_dict
+from .errors import DivergenceError
 from .features import EpochImageFeatures, uses_image_features
 
 __all__ = [
@@ -430,7 +431,7 @@ def fit(
                     # be the first to see weights that diverged: report the cause, not the symptom.
                     weights_bad = not all(bool(torch.isfinite(p).all()) for p in trainable)
                     if weights_bad or (step > resumed_from and "NaN" in str(exc)):
-                        raise FloatingPointError(f"{_diverged_message(epoch, step)} [the model said: {exc}]") from exc
+                        raise DivergenceError(f"{_diverged_message(epoch, step)} [the model said: {exc}]") from exc
                     raise
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -471,7 +472,7 @@ def fit(
             _stop_if_diverged(good, per_epoch, scaler, epoch, step)
             count = float(distributed.all_reduce_sum(good))
             if count == 0:
-                raise FloatingPointError(
+                raise DivergenceError(
                     f"every loss of epoch {epoch} was inf/NaN (all fp16 steps skipped); try train.precision=bf16, "
                     "a lower optim.lr or optim.grad_clip=1.0 (the last good checkpoint is kept)"
                 )
@@ -588,7 +589,7 @@ def _stop_if_diverged(good: torch.Tensor, done: int, scaler, epoch: int, step: i
         return  # fp16: the GradScaler skips those steps and lowers its scale
     # `done` batches of this epoch ran on every rank; fewer finite losses than that means inf/NaN.
     if float(distributed.all_reduce_sum(good.clone())) < done * distributed.world_size():
-        raise FloatingPointError(_diverged_message(epoch, step))
+        raise DivergenceError(_diverged_message(epoch, step))
 
 
 def _diverged_message(epoch: int, step: int) -> str:

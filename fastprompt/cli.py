@@ -116,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="training throughput: fastprompt vs the official-style path",
                            description="`bench train` measures; `bench report RESULT.json` redraws its chart.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    from .bench import build_parser as bench_train_parser
-
-    bench_train_parser(bench_sub.add_parser(
+    _add_bench_train(bench_sub.add_parser(
         "train", help="images/s, step breakdown, peak memory, MFU per method/batch/classes, both styles",
         description="Benchmark training steps of every method in fastprompt's style and the official style "
                     "(fp16 eager, 77-token text, CPU augmentation); JSON and PNG to --out. --smoke runs in seconds on CPU."))
@@ -126,6 +124,49 @@ def build_parser() -> argparse.ArgumentParser:
     bench_report.add_argument("result", help="a JSON written by `fastprompt bench train`")
     bench_report.add_argument("--out", default=None, help="PNG path (default: next to the JSON)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_bench_train(p: argparse.ArgumentParser) -> None:
+    """The options of `fastprompt bench train` (fastprompt.bench.BenchOptions)."""
+    from .bench import STYLES
+
+    p.add_argument("--smoke", action="store_true", help="CPU smoke mode: fastprompt-tiny, 2 steps, coop and dept+coop")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and the PNG chart")
+    p.add_argument("--model", default=None, help="open_clip model (default ViT-B-16; smoke: fastprompt-tiny)")
+    p.add_argument("--methods", nargs="+", default=None, help="methods (default: all five, each with and without dept+)")
+    p.add_argument("--batches", nargs="+", type=_positive_int, default=None, help="batch sizes (default 4 32 128)")
+    p.add_argument("--classes", nargs="+", type=_positive_int, default=None, help="class counts (default 50 500 1000)")
+    p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES),
+                   help="what to measure (default both; `--style official` alone: the baseline only)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="measured steps per configuration")
+    p.add_argument("--compile", action="store_true",
+                   help="fast path: torch.compile the encoder trunks (dynamic class count) for the images/s pass")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile on a GPU: replay the compiled trunks as CUDA graphs (launch-bound steps)")
+    p.add_argument("--text-chunk-size", type=_positive_int, default=None, help="fast path: prompts per text-encoder chunk")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-steps", action="store_true", help="skip the per-step grid (with --run / --max-batch)")
+    p.add_argument("--run", nargs="*", default=None, metavar="METHOD",
+                   help="also time whole base-to-new runs of these methods in both styles (default dept+coop dept+maple)")
+    p.add_argument("--run-classes", type=_positive_int, default=None, help="base classes of the whole run (default 500; smoke 3)")
+    p.add_argument("--run-shots", type=_positive_int, default=None, help="shots per class (default 16; smoke 2)")
+    p.add_argument("--run-epochs", type=_positive_int, default=None, help="epochs (default 10; smoke 1)")
+    p.add_argument("--run-test-per-class", type=_positive_int, default=None, help="test images per class (default 50; smoke 2)")
+    p.add_argument("--max-batch", nargs="*", default=None, metavar="METHOD",
+                   help="largest batch that fits, both styles, at the largest class count (GPU)")
+    p.add_argument("--vision-mfu", nargs="*", default=None, metavar="METHOD",
+                   help="MFU of the prompted image encoder's forward+backward alone at the largest batch "
+                        "(default maple dpl)")
 
 
 def _print_summary(results: dict, out: Path) -> None:
@@ -141,47 +182,21 @@ def _print_summary(results: dict, out: Path) -> None:
 
 
 def _train(args) -> None:
+    from . import api, distributed
     from .config import load_config
-    from .evaluate import run_protocol
-
-    from . import distributed
 
     cfg = load_config(args.config, args.overrides)
-    if not (args.resume or args.overwrite):
-        _refuse_earlier_run(Path(cfg.output_dir))
-    distributed.init_from_env(cfg.train.device)
-    results = run_protocol(cfg, resume=args.resume)
+    results = api.train(cfg, resume=args.resume, overwrite=args.overwrite)
     if distributed.is_main():
         _print_summary(results, Path(cfg.output_dir))
-
-
-def _refuse_earlier_run(out: Path) -> None:
-    """A plain `train` must not silently replace a run that is already there (nothing written is lost)."""
-    from .errors import RunFolderError
-
-    found = [p for p in (out / "results.json", *out.glob("**/checkpoints/latest")) if p.is_file()] if out.is_dir() else []
-    if found:
-        raise RunFolderError(
-            f"output_dir {out} already holds a run ({found[0]}); continue it with --resume, train elsewhere with "
-            "output_dir=..., or start it again with --overwrite"
-        )
 
 
 def _eval(args) -> None:
-    from .config import load_config
-    from .errors import RunFolderError
-    from .evaluate import run_protocol
+    from . import api, distributed
 
-    config = Path(args.run_dir) / "config.yaml"
-    if not config.is_file():
-        raise RunFolderError(f"{args.run_dir} is not a run folder (no config.yaml); pass the output_dir of a train run")
-    cfg = load_config(config, [f"output_dir={args.run_dir}", *args.overrides])
-    from . import distributed
-
-    distributed.init_from_env(cfg.train.device)
-    results = run_protocol(cfg, train=False)
+    results = api.evaluate(args.run_dir, args.overrides)
     if distributed.is_main():
-        _print_summary(results, Path(cfg.output_dir))
+        _print_summary(results, Path(args.run_dir))
 
 
 def _report(args) -> None:
@@ -193,12 +208,16 @@ def _report(args) -> None:
 
 
 def _bench(args) -> None:
-    from .bench import main as bench_train, report_main
+    import dataclasses
+
+    from .bench import BenchOptions, redraw, run_bench
 
     if args.bench_command == "train":
-        bench_train(args=args)
+        run_bench(BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)}))
     else:
-        report_main(args.result, args.out)
+        table, chart = redraw(args.result, args.out)
+        print(table)
+        print(f"wrote {chart}")
 
 
 def _sweep(args) -> None:
@@ -234,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import distributed
     from .errors import FastpromptError
-    from .train import TrainingInterrupted
+    from .training import TrainingInterrupted
 
     handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
                "sweep": _sweep}[args.command]

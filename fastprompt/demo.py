@@ -51,7 +51,7 @@ def _size(path: Path) -> str:
 def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fast: bool = False,
              say=print) -> dict:
     from .data import write_digits_imagefolder
-    from .evaluate import run_protocol
+    from .protocols import run_protocol
     from .report import markdown_table, write_report
 
     import torch

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import os
 import shlex
 import string
@@ -34,9 +32,13 @@ from typing import Callable, Optional
 
 import yaml
 
-from .config import Config, ConfigError, load_config, save_config
+from . import distributed
+from .config import Config, ConfigError, load_config
+from .protocols import run_protocol, silent
+from .report import write_report
+from .run_folder import RunFolder
 
-__all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "finished_result", "report_folder"]
+__all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "report_folder"]
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -211,87 +213,27 @@ def emit_commands(sweep: Sweep) -> list[str]:
     return [run.command(seed) for run in expand(sweep) for seed in run.seeds]
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def finished_result(run_dir: Path, seed: int, keys: tuple[str, ...], cfg: Config) -> Optional[dict]:
-    """run_dir/result.json when it is complete for `seed` (every key present, numbers finite), else None.
-
-    A finished run whose checkpoint was trained with different settings is an error, not a skip:
-    reusing it would mix two configurations in one table.
-    """
-    path = Path(run_dir) / "result.json"
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(result, dict) or result.get("seed") != seed:
-        return None
-    for key in keys:
-        value = result.get(key)
-        if key == "targets":
-            if not isinstance(value, dict) or not all(_finite(value.get(t)) for t in cfg.protocol.targets):
-                return None
-        elif not _finite(value):
-            return None
-    from .checkpoint import latest_checkpoint_dir, load_checkpoint
-    from .config import config_to_dict
-    from .train import _check_resumable
-
-    check_unchanged(cfg)  # also covers runs with no checkpoint (zero-shot CLIP)
-    ckpt_root = Path(run_dir) / "checkpoints"
-    if latest_checkpoint_dir(ckpt_root) is not None:
-        _check_resumable(load_checkpoint(ckpt_root).meta["config"], config_to_dict(cfg), ckpt_root)
-    return result
-
-
-def check_unchanged(cfg: Config) -> None:
-    """The run folder's saved config.yaml must agree with `cfg` on every key that affects results,
-    or the results there are not this config's: ConfigError naming the changed keys."""
-    from .config import config_to_dict
-    from .train import _check_resumable
-
-    saved = Path(cfg.output_dir) / "config.yaml"
-    if saved.is_file():
-        _check_resumable(config_to_dict(load_config(saved)), config_to_dict(cfg), saved)
-
-
-def _complete(out: Path, seeds: list[int]) -> bool:
-    try:
-        results = json.loads((out / "results.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(results, dict) or results.get("seeds") != seeds:
-        return False  # e.g. written by one seed's job of an emitted command list: aggregate again
-    return "mean" in results or "results" in results
-
-
 def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list[dict], Optional[Path]]:
     """Run (or skip, or resume) every run; write each results.json and the report. Returns the
     per-folder status rows and the report path."""
-    from . import distributed
-    from .evaluate import _silent, run_protocol
-    from .report import write_report
-
     runs = expand(sweep)
     if not distributed.is_main():
-        say = _silent  # under torchrun every rank runs each protocol; rank 0 reports and writes
+        say = silent  # under torchrun every rank runs each protocol; rank 0 reports and writes
     rows = []
     for i, run in enumerate(runs, 1):
-        out = Path(run.output_dir)
+        folder = RunFolder(run.output_dir)
+        out = folder.root
         label = f"[{i}/{len(runs)}] {run.method} / {run.dataset}"
         cfg = run.config()
-        if _complete(out, run.seeds):
-            check_unchanged(cfg)  # finished with another config: say so rather than report old numbers
+        if folder.is_complete(run.seeds):
+            folder.check_unchanged(cfg)  # finished with another config: say so rather than report old numbers
             say(f"{label}: finished, skipped ({out})")
             rows.append({"method": run.method, "dataset": run.dataset, "status": "finished", "output_dir": str(out)})
             continue
-        resuming = out.exists() and any(out.rglob("checkpoints/latest"))
+        resuming = folder.has_checkpoints()
         say(f"{label}: {'resuming' if resuming else 'running'} seeds {run.seeds} in {out}")
         run_protocol(cfg, resume=True, say=lambda m: say("    " + m))
-        if distributed.is_main():
-            save_config(cfg, out / "config.yaml")  # the whole seed list, for `fastprompt eval`
+        folder.record_config(cfg)  # the whole seed list, for `fastprompt eval`
         rows.append({"method": run.method, "dataset": run.dataset, "status": "resumed" if resuming else "ran",
                      "output_dir": str(out)})
     report_dir = report_folder(sweep, runs)

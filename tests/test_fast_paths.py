@@ -14,10 +14,10 @@ import torch
 
 from fastprompt.clip import TINY_MODEL, load_clip
 from fastprompt.config import load_config
-from fastprompt.features import (EpochImageFeatures, backbone_fingerprint, configure_text, text_encoders,
-                                 uses_image_features)
+from fastprompt.fast_paths import configure_text, text_encoders, uses_image_features
 from fastprompt.methods import build_model
-from fastprompt.train import fit
+from fastprompt.metrics import backbone_fingerprint
+from fastprompt.training import EpochBatches, FeatureEncoding, fit
 
 NAMES = ["cat", "sea lion", "golden retriever dog", "fire truck", "a", "hot air balloon", "tree"]
 
@@ -169,9 +169,8 @@ def test_epoch_features_draw_the_same_views_and_record_generator_states(clip):
     source, augment = _Source(12, 5), GpuAugment(clip.image_size, clip.mean, clip.std)
     order = torch.randperm(12)
     gen = torch.Generator().manual_seed(7)
-    feats = EpochImageFeatures(model, source, augment, order, batch_size=4, steps=3, first=1, steps_per_chunk=5,
-                               device=torch.device("cpu"), generator=gen, autocast=torch.no_grad,
-                               to_device=lambda x, d: x)
+    feats = EpochBatches(source, augment, order, batch_size=4, steps=3, first=1, device=torch.device("cpu"),
+                         generator=gen, features=FeatureEncoding(model.encode_images, 5, torch.no_grad))
     got = list(feats)
     ref_gen = torch.Generator().manual_seed(7)
     for i, (f, y) in enumerate(got, start=1):
@@ -196,7 +195,7 @@ def digits(tmp_path_factory):
 
 
 def _session(digits, out, *extra):
-    from fastprompt.evaluate import Session
+    from fastprompt.protocols import Session
 
     cfg = load_config(None, [f"output_dir={out}", "model.name=fastprompt-tiny", "model.pretrained=null",
                              "data.dataset=imagefolder", f"data.root={digits}", "train.precision=fp32",
@@ -207,7 +206,6 @@ def _session(digits, out, *extra):
 
 def test_cached_eval_features_give_the_same_accuracy_and_are_reused(digits, tmp_path):
     from fastprompt.data import split_base_new
-    from fastprompt.evaluate import accuracy
 
     cached = _session(digits, tmp_path / "a")
     plain = _session(digits, tmp_path / "b", "train.feature_cache=false")
@@ -219,19 +217,19 @@ def test_cached_eval_features_give_the_same_accuracy_and_are_reused(digits, tmp_
                 p.add_(0.3 * torch.randn_like(p))
     for split in (base, new):
         model.set_classnames(split.classnames)
-        acc_cached, _ = accuracy(model, split.test, session=cached)
-        acc_plain, _ = accuracy(model, split.test, session=plain)
+        acc_cached, _ = cached.accuracy(model, split.test)
+        acc_plain, _ = plain.accuracy(model, split.test)
         assert acc_cached == pytest.approx(acc_plain, abs=1e-9)
-    cache = cached.feature_cache
-    assert cache.encoded == len(base.test) + len(new.test) and plain.feature_cache is None
+    cache = cached.evaluator.feature_cache
+    assert cache.encoded == len(base.test) + len(new.test) and plain.evaluator.feature_cache is None
     # Another epoch / seed / method on the same backbone: nothing is encoded again, even from disk.
     model.set_classnames(base.classnames)
-    accuracy(model, base.test, session=cached)
+    cached.accuracy(model, base.test)
     assert cache.encoded == len(base.test) + len(new.test)
     again = _session(digits, tmp_path / "a")
     other = again.build_model(base.classnames, seed=2)
-    accuracy(other, base.test, session=again)
-    assert again.feature_cache.encoded == 0 and again.feature_cache.fingerprint == cache.fingerprint
+    again.accuracy(other, base.test)
+    assert again.evaluator.feature_cache.encoded == 0 and again.evaluator.feature_cache.fingerprint == cache.fingerprint
 
 
 def test_text_chunk_size_reaches_every_text_encoder(digits, tmp_path):
@@ -317,7 +315,7 @@ def test_fit_with_compile_matches_eager_and_new_classes_reuse_the_compiled_code(
 def test_eval_feature_cache_with_repeated_paths(tmp_path):
     """A test list that repeats an image must not shift later features onto the wrong images."""
     from fastprompt.data import Sample
-    from fastprompt.features import EvalFeatureCache
+    from fastprompt.metrics import EvalFeatureCache
 
     paths = {}
     for name in "abcd":

@@ -65,7 +65,7 @@ def test_demo_runs_and_prints_the_table(tmp_path, run_cli, capsys):
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, digits_root, fast):
-    from fastprompt.evaluate import run_protocol
+    from fastprompt.protocols import run_protocol
 
     overrides = [*fast, f"data.root={digits_root}", "train.epochs=6", "train.batch_size=2", "optim.lr=0.01"]
     straight_dir = tmp_path / "straight"

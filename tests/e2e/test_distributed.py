@@ -31,7 +31,7 @@ def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Comple
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path, digits_root, fast):
-    from fastprompt.evaluate import run_protocol
+    from fastprompt.protocols import run_protocol
 
     # 4 shots x 5 base classes = 20 images, batch 4: 5 steps per epoch, 3 epochs (warm-up + 2 at lr 0.05).
     overrides = [*fast, f"data.root={digits_root}", "data.shots=4", "train.batch_size=4", "train.log_every=1"]
@@ -127,7 +127,7 @@ def test_sigterm_to_torchrun_saves_once_and_resumes_to_the_single_process_result
     import signal
     import time
 
-    from fastprompt.evaluate import run_protocol
+    from fastprompt.protocols import run_protocol
 
     # 20 images at batch 2: 10 steps per epoch, 4 epochs; one metrics line per step.
     overrides = [*fast, f"data.root={digits_root}", "data.shots=4", "train.batch_size=2", "train.epochs=4",

@@ -1,19 +1,10 @@
-"""Image features computed once, in large batches, wherever the image encoder has no prompts.
+"""Test-image features cached per frozen backbone: encoded once, then shared by base and new
+classes, every epoch, seed and method that uses an unprompted image encoder (CoOp, CoCoOp, KgCoOp
+and their DePT variants).
 
-For CoOp, CoCoOp, KgCoOp (and their DePT variants) the image encoder is frozen and unprompted,
-so a training step only needs the image *features* of its augmented views, and evaluation only
-needs the test images' features, which never change. Two exact speed-ups follow:
-
-* `EpochImageFeatures`: the views of the next `steps_per_chunk` training steps are augmented in
-  the loop's order with the loop's generator (the same random draws as step-by-step), then
-  encoded in one no-grad batch under the run's autocast (bf16 on a GPU) instead of at the paper's
-  batch of 4. The steps then run `model.forward_features`.
-* `EvalFeatureCache`: test-image features cached on disk per backbone fingerprint (model name,
-  weights digest, dtype, precision, image size, normalisation) and per image file (path, size,
-  mtime), so base and new classes of one test split, every epoch, seed and method share them.
-
-`configure_text` sets the text encoders' switches: chunked encoding (ImageNet-size class lists)
-and truncation (off only for the official-style baseline).
+The cache is keyed by a fingerprint of everything that determines image features (architecture and
+activation, weights, dtype, preprocessing, compute precision) and by each image file's identity
+(path, size, mtime): a replaced image, another backbone or precision get their own features.
 """
 from __future__ import annotations
 
@@ -23,67 +14,15 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
-from torch import nn
 
-from .atomic_io import atomic_write_bytes
+from ..atomic_io import atomic_write_bytes
 
-__all__ = ["uses_image_features", "EpochImageFeatures", "backbone_fingerprint", "EvalFeatureCache", "encode_samples",
-           "features_accuracy", "text_encoders", "configure_text"]
-
-
-def uses_image_features(model: nn.Module) -> bool:
-    """True when the model's image features can be precomputed (frozen, unprompted image encoder)."""
-    return hasattr(model, "forward_features") and getattr(model, "image_prompted", True) is False
-
-
-class EpochImageFeatures:
-    """Iterator over one epoch's steps `first..steps-1` yielding (image features, labels).
-
-    `order` is the epoch's sample permutation; step i takes order[i*bs:(i+1)*bs] and keeps rows
-    `part` of it (a DDP rank's share; all by default). Views are drawn by
-    `augment(images, generator=generator)` one step batch at a time, in step order, exactly as
-    the step-by-step loop draws them, then encoded `steps_per_chunk` steps at a time.
-    `generator_state_after(i)` is the generator's state once step i's views were drawn (what an
-    interrupted run saves to resume inside the epoch).
-    """
-
-    def __init__(self, model: nn.Module, source, augment: Callable, order: torch.Tensor, *, batch_size: int,
-                 steps: int, steps_per_chunk: int, device: torch.device, generator: torch.Generator,
-                 autocast: Callable, to_device: Callable, first: int = 0, part: slice = slice(None)):
-        if steps_per_chunk < 1:
-            raise ValueError(f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
-        self.model, self.source, self.augment, self.order = model, source, augment, order
-        self.bs, self.first, self.steps, self.per_chunk, self.part = batch_size, first, steps, steps_per_chunk, part
-        self.device, self.generator, self.autocast, self.to_device = device, generator, autocast, to_device
-        self._states: dict[int, torch.Tensor] = {}
-
-    def generator_state_after(self, step: int) -> torch.Tensor:
-        return self._states[step]
-
-    def _chunk(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        views, labels = [], []
-        self._states.clear()
-        for i in range(first, first + count):
-            images, y = self.source.batch(self.order[i * self.bs : (i + 1) * self.bs])
-            views.append(self.augment(self.to_device(images, self.device), generator=self.generator)[self.part])
-            labels.append(y.to(self.device, non_blocking=True)[self.part])
-            self._states[i] = self.generator.get_state()
-        with torch.no_grad(), self.autocast():
-            features = self.model.encode_images(torch.cat(views))
-        return features, torch.cat(labels)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for first in range(self.first, self.steps, self.per_chunk):
-            count = min(self.per_chunk, self.steps - first)
-            features, labels = self._chunk(first, count)
-            rows = features.shape[0] // count
-            for j in range(count):
-                yield features[j * rows : (j + 1) * rows], labels[j * rows : (j + 1) * rows]
+__all__ = ["backbone_fingerprint", "EvalFeatureCache", "encode_samples"]
 
 
 def backbone_fingerprint(clip, precision: str) -> str:
@@ -195,43 +134,3 @@ def encode_samples(encode_images: Callable, samples: Sequence, *, loader_factory
         for images, idx in loader_factory(indexed):
             with autocast():
                 yield encode_images(images.to(device, non_blocking=True)), idx
-
-
-@torch.inference_mode()
-def features_accuracy(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
-                      autocast: Callable, batch_size: int, per_image_text: Optional[bool] = None) -> float:
-    """Top-1 accuracy (%) of `model.forward_features` over cached features.
-
-    Text features that do not depend on the image are the same for every batch, so those methods
-    take large batches (one text encoding per 8192 images); CoCoOp's per-image prompts keep
-    `batch_size`.
-    """
-    if per_image_text is None:
-        per_image_text = getattr(model, "method", "").endswith("cocoop")
-    step = batch_size if per_image_text else max(batch_size, 8192)
-    model.eval()
-    correct = 0
-    for i in range(0, features.shape[0], step):
-        x = features[i : i + step].to(device, non_blocking=True)
-        y = labels[i : i + step].to(device, non_blocking=True)
-        with autocast():
-            logits = model.forward_features(x).logits
-        correct += int((logits.argmax(dim=-1) == y).sum())
-    return 100.0 * correct / max(features.shape[0], 1)
-
-
-def text_encoders(model: nn.Module) -> list:
-    """The TextEncoder modules a method runs (one per model; DePT's sits in its base method)."""
-    from .encoders import TextEncoder
-
-    found = [m for m in model.modules() if isinstance(m, TextEncoder)]
-    return list({id(m): m for m in found}.values())
-
-
-def configure_text(model: nn.Module, *, chunk_size: Optional[int] = None, truncate: bool = True) -> None:
-    """Set every text encoder of `model`: prompts per chunk (None: all at once) and truncation."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"text chunk size must be a positive int or None, got {chunk_size!r}")
-    for encoder in text_encoders(model):
-        encoder.chunk_size = chunk_size
-        encoder.truncate = truncate

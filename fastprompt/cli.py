@@ -1,4 +1,9 @@
-"""The `fastprompt` command: train | eval | report | demo."""
+"""The `fastprompt` command: train | eval | report | sweep | config | demo | bench.
+
+Each command parses its arguments here and calls the library (fastprompt.api, .report, .sweep,
+.demo, .bench). A FastpromptError is the user's to fix: printed as one line, exit code 2. Anything
+else is a bug and keeps its traceback. Every command is described in docs/cli.md.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse_args"]
 
 OVERRIDES_HELP = (
     "config overrides as key.sub=value, e.g. optim.lr=0.002 data.seeds=[1,2] method.options.n_ctx=4 "
@@ -14,7 +19,7 @@ OVERRIDES_HELP = (
 )
 
 CONFIG_KEYS_HELP = """\
-config sections and keys (configs/*.yaml set them; override any with key.sub=value):
+config sections and keys (docs/configs.md; the layers and configs/*.yaml set them; override any with key.sub=value):
   model.name            open_clip model (ViT-B-16-quickgelu, ...; fastprompt-tiny for tests). OpenAI's
                         weights need QuickGELU: the `openai` tag and OpenAI's .pt archives build it
                         under any name; a state-dict file of OpenAI weights needs a *-quickgelu name
@@ -60,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "report.md and chart.png in output_dir.",
         epilog=CONFIG_KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("config", help="YAML config file, e.g. configs/base2new/dept_coop.yaml")
+    train.add_argument("config", nargs="?", metavar="CONFIG",
+                       help="a YAML config file (e.g. configs/base2new/dept_coop.yaml, or one `fastprompt config` "
+                            "wrote); or compose the published settings with --protocol/--method instead")
+    _add_layers(train, method_required=False)
     train.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     train.add_argument("--overwrite", action="store_true",
                        help="train from scratch even if output_dir holds an earlier run (its checkpoints and "
@@ -100,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "scheduler (e.g. a Slurm array) instead of running; rerun the sweep afterwards to "
                             "aggregate (finished runs are skipped)")
 
+    config = sub.add_parser(
+        "config", help="print the config the layers compose (protocol x method x dataset, overrides) as YAML",
+        description="Print the published settings of METHOD under PROTOCOL (and DATASET, and key=value overrides) "
+                    "as a commented YAML file: what `fastprompt train --protocol P --method M ...` runs. Save it "
+                    "to edit it, then `fastprompt train FILE`. The files in the repository's configs/ are this "
+                    "output.", epilog=CONFIG_KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_layers(config, method_required=True)
+    config.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
     demo = sub.add_parser(
         "demo", help="a complete base-to-new run (DePT + CoOp) on bundled digits with a tiny random CLIP, on CPU",
         description="Write scikit-learn's handwritten digits as an ImageFolder, train DePT + CoOp on the base "
@@ -124,6 +141,43 @@ def build_parser() -> argparse.ArgumentParser:
     bench_report.add_argument("result", help="a JSON written by `fastprompt bench train`")
     bench_report.add_argument("--out", default=None, help="PNG path (default: next to the JSON)")
     return parser
+
+
+def _add_layers(p: argparse.ArgumentParser, *, method_required: bool) -> None:
+    """--protocol / --method / --dataset: the layers a config is composed of (fastprompt.config.compose)."""
+    from .config import method_names, protocol_names
+
+    p.add_argument("--protocol", choices=protocol_names(), default=None,
+                   help="the protocol's layer (default base2new)")
+    p.add_argument("--method", required=method_required, default=None, metavar="METHOD",
+                   help="the method's layers: " + " ".join(method_names()))
+    p.add_argument("--dataset", default=None, help="data.dataset (cross_dataset and domain_generalisation: the "
+                                                   "source; default: the protocol's)")
+
+
+def _split_config(args) -> tuple[str | None, list[str]]:
+    """CONFIG and the overrides; `train key=value ...` with no CONFIG puts the first override in CONFIG."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
+def _train_config(args):
+    """A CONFIG file, or the layers --protocol/--method/--dataset, then the overrides."""
+    from .config import compose_config, load_config
+    from .errors import ConfigError
+
+    config, overrides = _split_config(args)
+    if config is not None:
+        if args.protocol or args.method or args.dataset:
+            raise ConfigError("give a CONFIG file or --protocol/--method/--dataset, not both; change single keys of "
+                              "a file with key=value (e.g. data.dataset=dtd)")
+        return load_config(config, overrides)
+    if args.method is None:
+        raise ConfigError("name what to train: --method METHOD (and --protocol, default base2new), or a CONFIG file "
+                          "(see docs/configs.md)")
+    return compose_config(args.protocol or "base2new", args.method, dataset=args.dataset, overrides=overrides)
 
 
 def _positive_int(text: str) -> int:
@@ -183,9 +237,8 @@ def _print_summary(results: dict, out: Path) -> None:
 
 def _train(args) -> None:
     from . import api, distributed
-    from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _train_config(args)
     results = api.train(cfg, resume=args.resume, overwrite=args.overwrite)
     if distributed.is_main():
         _print_summary(results, Path(cfg.output_dir))
@@ -243,20 +296,39 @@ def _sweep(args) -> None:
           f"finished; report {md}")
 
 
+def _config(args) -> None:
+    from .config.published import published_text
+
+    print(published_text(args.protocol or "base2new", args.method, dataset=args.dataset, overrides=args.overrides),
+          end="")
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.output_dir, args.overrides, fast=args.fast)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `key=value` overrides may also stand after options (argparse alone would
+    take them only before the first option that follows CONFIG)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from . import distributed
     from .errors import FastpromptError
     from .training import TrainingInterrupted
 
     handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
-               "sweep": _sweep}[args.command]
+               "sweep": _sweep, "config": _config}[args.command]
     try:
         handler(args)
     except FastpromptError as exc:  # the user's input: say what is wrong, no traceback; a bug keeps its traceback

@@ -1,9 +1,11 @@
 """`fastprompt sweep SWEEP.yaml`: every (method, dataset, seed) of a protocol, restartable.
 
-A sweep file names the runs; the configs they use are the published ones (configs/<protocol>/
-<method>.yaml) or one `config` for all methods:
+A sweep file names the runs; each run's config is composed from the layers fastprompt ships
+(protocol x method x dataset, as `fastprompt train --protocol P --method M --dataset D`), unless the
+file names one `config` for all methods or a `configs_dir` of <protocol>/<method>.yaml files
+(docs/training.md):
 
-    protocol: base2new                   # picks configs/base2new/<method>.yaml
+    protocol: base2new                   # the protocol's layer
     methods: [dept+coop, coop]           # method.name values
     datasets: [caltech101, dtd]
     seeds: [1, 2, 3]
@@ -11,7 +13,7 @@ A sweep file names the runs; the configs they use are the published ones (config
     output_dir: runs/sweep/{protocol}/{method}/{dataset}   # optional; one folder per (method, dataset)
     report_dir: runs/sweep/{protocol}    # optional; where report.md and chart.png go
     # config: configs/demo.yaml          # optional: one config for every method (method.name set per run)
-    # configs_dir: configs               # optional: where <protocol>/<method>.yaml are looked up
+    # configs_dir: configs               # optional: <protocol>/<method>.yaml files instead of the layers
 
 Running it trains what is missing: a seed whose result.json is complete is skipped, a seed with a
 checkpoint resumes from it (the config must be unchanged), the rest start fresh; then each
@@ -33,15 +35,12 @@ from typing import Callable, Optional
 import yaml
 
 from . import distributed
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, compose_config, load_config
 from .protocols import run_protocol, silent
 from .report import write_report
 from .run_folder import RunFolder
 
 __all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "report_folder"]
-
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 @dataclass
 class Sweep:
@@ -59,22 +58,28 @@ class Sweep:
 
 @dataclass
 class SweepRun:
-    """One (method, dataset) folder and the seeds it holds; `command(seed)` trains one seed."""
+    """One (method, dataset) folder and the seeds it holds; `command(seed)` trains one seed.
+    Its config comes from `config_path`, or (None) from the layers of (protocol, method)."""
 
+    protocol: str
     method: str
     dataset: str
     seeds: list[int]
-    config_path: Path
+    config_path: Optional[Path]
     overrides: list[str]
     output_dir: str
 
     def config(self, seeds: Optional[list[int]] = None) -> Config:
         seeds = self.seeds if seeds is None else seeds
-        return load_config(self.config_path, [*self.overrides, f"data.seeds={list(seeds)}"])
+        overrides = [*self.overrides, f"data.seeds={list(seeds)}"]
+        if self.config_path is None:
+            return compose_config(self.protocol, self.method, overrides=overrides)
+        return load_config(self.config_path, overrides)
 
     def command(self, seed: int) -> str:
-        args = ["fastprompt", "train", str(self.config_path.resolve()), *self.overrides, f"data.seeds=[{seed}]", "--resume"]
-        return shlex.join(args)
+        source = ([str(self.config_path.resolve())] if self.config_path is not None
+                  else ["--protocol", self.protocol, "--method", self.method])
+        return shlex.join(["fastprompt", "train", *source, *self.overrides, f"data.seeds=[{seed}]", "--resume"])
 
 
 _FIELDS = {f.name for f in dataclasses.fields(Sweep)} - {"path"}
@@ -166,23 +171,25 @@ def _relative(sweep: Sweep, name: str) -> Path:
     return p if p.is_absolute() or p.exists() else sweep.path.parent / p
 
 
-def _method_config(sweep: Sweep, method: str) -> Path:
+def _method_config(sweep: Sweep, method: str) -> Optional[Path]:
+    """The config file of `method`'s runs; None: composed from the shipped layers."""
     if sweep.config:
         path = _relative(sweep, sweep.config)
         if not path.is_file():
             raise ConfigError(f"{sweep.path}: config {sweep.config} not found")
         return path
-    roots = [_relative(sweep, sweep.configs_dir)] if sweep.configs_dir else [Path("configs"), PACKAGE_CONFIGS]
-    for root in roots:
-        path = root / sweep.protocol / f"{method.replace('+', '_')}.yaml"
-        if path.is_file():
-            return path
-    folder = roots[0] / sweep.protocol
+    if not sweep.configs_dir:
+        return None
+    folder = _relative(sweep, sweep.configs_dir) / sweep.protocol
+    path = folder / f"{method.replace('+', '_')}.yaml"
+    if path.is_file():
+        return path
     known = sorted(p.stem.replace("_", "+", 1) if p.stem.startswith("dept_") else p.stem
                    for p in folder.glob("*.yaml")) if folder.is_dir() else []
     raise ConfigError(f"{sweep.path}: no config for method '{method}' under {folder}"
                       + (f" (there: {', '.join(known)})" if known else "")
-                      + "; set 'config: FILE' for one config for all methods, or 'configs_dir'")
+                      + "; set 'config: FILE' for one config for all methods, or leave out 'configs_dir' to "
+                        "use the shipped layers")
 
 
 def expand(sweep: Sweep) -> list[SweepRun]:
@@ -191,10 +198,11 @@ def expand(sweep: Sweep) -> list[SweepRun]:
     for method in sweep.methods:
         config_path = _method_config(sweep, method)
         for dataset in sweep.datasets:
-            overrides = [*sweep.overrides, f"method.name={method}", f"data.dataset={dataset}",
-                         f"protocol.name={sweep.protocol}", f"output_dir={sweep.output_dir}"]
-            run = SweepRun(method=method, dataset=dataset, seeds=list(sweep.seeds), config_path=config_path,
-                           overrides=overrides, output_dir="")
+            # A config file is told the method and protocol; the layers are made of them.
+            chosen = [f"method.name={method}", f"protocol.name={sweep.protocol}"] if config_path is not None else []
+            overrides = [*sweep.overrides, *chosen, f"data.dataset={dataset}", f"output_dir={sweep.output_dir}"]
+            run = SweepRun(protocol=sweep.protocol, method=method, dataset=dataset, seeds=list(sweep.seeds),
+                           config_path=config_path, overrides=overrides, output_dir="")
             cfg = run.config()  # a bad override or value fails here, before anything runs
             run.output_dir = cfg.output_dir
             # Pin the folder: placeholders are filled once, so every seed's command writes the same place.

@@ -162,3 +162,69 @@ def test_seed_and_shot_lists_that_would_run_nothing_or_count_twice(overrides, me
         load_config(None, overrides)
     assert message in str(err.value)
     load_config(None, ["protocol.shots=[]"])  # base2new does not read protocol.shots
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def test_layers_compose_protocol_method_dataset_then_overrides():
+    from fastprompt.config import compose_config
+
+    cfg = compose_config("cross_dataset", "dept+cocoop", overrides=["optim.lr=0.001"])
+    assert (cfg.protocol.name, cfg.method.name, cfg.data.dataset) == ("cross_dataset", "dept+cocoop", "imagenet")
+    assert len(cfg.protocol.targets) == 10 and cfg.train.batch_size == 1 and cfg.optim.lr == 0.001
+    assert cfg.optim.head_lr_mult == 6.5 and cfg.output_dir == "runs/cross_dataset/dept_cocoop/imagenet"
+    few = compose_config("few_shot", "maple", dataset="dtd")
+    assert (few.protocol.shots, few.data.dataset, few.train.batch_size, few.optim.lr) == ([1, 2, 4, 8, 16], "dtd", 4,
+                                                                                          0.0035)
+    # What no layer sets keeps the schema's default, which is the published setting.
+    assert config_to_dict(compose_config("base2new", "coop", dataset="imagefolder")) == config_to_dict(
+        load_config(None, ["method.name=coop", "data.dataset=imagefolder"]))
+
+
+@pytest.mark.parametrize("protocol, method, message", [
+    ("base2old", "coop", "unknown protocol 'base2old'; did you mean 'base2new'?"),
+    ("base2new", "dept+copo", "unknown method 'dept+copo'; did you mean 'dept+coop'?"),
+    ("base2new", "dept+coop+maple", "unknown method 'dept+coop+maple'"),
+])
+def test_unknown_layers_are_named(protocol, method, message):
+    from fastprompt.config import compose_config
+
+    with pytest.raises(ConfigError) as err:
+        compose_config(protocol, method)
+    assert message in str(err.value)
+
+
+def test_published_configs_are_what_the_layers_compose():
+    """configs/<protocol>/<method>.yaml are written by `python -m fastprompt.config.published configs`:
+    each is exactly that text, and loads to the composed config (edit a layer, then rewrite them)."""
+    from pathlib import Path
+
+    from fastprompt.config import compose_config, method_names
+    from fastprompt.config.published import PUBLISHED_PROTOCOLS, published_path, published_text
+
+    repo = Path(__file__).parents[1]
+    expected = set()
+    for protocol in PUBLISHED_PROTOCOLS:
+        for method in method_names():
+            path = published_path(repo / "configs", protocol, method)
+            expected.add(path)
+            relative = str(path.relative_to(repo))
+            assert path.read_text() == published_text(protocol, method, file=relative), \
+                f"{relative} is stale: run `python -m fastprompt.config.published configs`"
+            assert config_to_dict(load_config(path)) == config_to_dict(compose_config(protocol, method)), relative
+    assert set((repo / "configs").glob("*/*.yaml")) == expected
+
+
+def test_printed_config_with_overrides_loads_to_the_composed_config(tmp_path, capsys):
+    from fastprompt.cli import main
+    from fastprompt.config import compose_config
+
+    assert main(["config", "--protocol", "few_shot", "--method", "dept+kgcoop", "--dataset", "dtd",
+                 "train.compile=true", "data.root=/data"]) == 0
+    path = tmp_path / "mine.yaml"
+    path.write_text(capsys.readouterr().out)
+    text = path.read_text()
+    assert "compile: true" in text and "--dataset dtd train.compile=true data.root=/data" in text
+    want = compose_config("few_shot", "dept+kgcoop", dataset="dtd", overrides=["train.compile=true", "data.root=/data"])
+    assert config_to_dict(load_config(path)) == config_to_dict(want)

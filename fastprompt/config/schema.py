@@ -1,5 +1,8 @@
 """Typed run configuration: dataclasses, loaded from YAML plus `key.sub=value` overrides.
 
+The dataclass defaults are the published settings (the DePT paper's, and its base methods'); the
+shipped layers (fastprompt.config.layers) add what a protocol or a method changes.
+
 Strict on purpose: a misspelt key silently falling back to a default is the classic way a
 reproduction drifts by a point, so an unknown key is an error that names it and suggests the
 closest valid one, and a value of the wrong type names the key, the expected type and the value.
@@ -16,10 +19,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from ..atomic_io import atomic_write_bytes
+from ..errors import ConfigError
 
 __all__ = [
-    "ConfigError",
     "ModelConfig",
     "MethodConfig",
     "DataConfig",
@@ -32,6 +35,7 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "save_config",
+    "check_method_options",
 ]
 
 
@@ -348,8 +352,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML; atomically, so a kill mid-write never leaves a truncated file."""
-    from .atomic_io import atomic_write_bytes
-
     atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastprompt",
         description="Fast prompt tuning of CLIP models (CoOp, CoCoOp, KgCoOp, MaPLe, DPL, DePT).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `fastprompt demo` for a complete run on the CPU in under a minute; `fastprompt COMMAND --help` for details.",
+        epilog="Run `fastprompt demo` for a complete run on the CPU in under a minute; `fastprompt COMMAND --help` for "
+               "details; the documentation is docs/index.md (docs/cli.md for the commands).",
     )
     parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser(
         "sweep", help="every (method, dataset, seed) of a protocol: skips finished runs, resumes interrupted ones",
         description="Run every (method, dataset, seed) that SWEEP.yaml lists (protocol, methods, datasets, seeds, "
-                    "overrides, output_dir, report_dir; see fastprompt/sweep.py). Finished seeds are skipped, "
+                    "overrides, output_dir, report_dir; see docs/training.md). Finished seeds are skipped, "
                     "interrupted ones resume from their checkpoint; then each run folder gets results.json and "
                     "the sweep one report.md/chart.png. Rerun the same command after any failure.",
     )

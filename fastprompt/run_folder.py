@@ -116,7 +116,7 @@ class RunFolder:
         if found is not None:
             raise RunFolderError(
                 f"output_dir {self.root} already holds a run ({found}); continue it with --resume, train elsewhere "
-                "with output_dir=..., or start it again with --overwrite"
+                "with output_dir=..., or start it again with --overwrite (docs/training.md#the-run-folder)"
             )
 
     def has_checkpoints(self) -> bool:
@@ -189,7 +189,7 @@ def check_resumable(saved: dict, current: dict, where: Path) -> None:
     if diffs:
         raise ConfigError(
             f"cannot resume from {where}: the config changed ({diffs}). Restore those values, "
-            "or start a fresh run in a new output_dir"
+            "or start a fresh run in a new output_dir (docs/training.md#the-run-folder lists the keys that may change)"
         )
 
 

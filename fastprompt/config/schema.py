@@ -241,7 +241,7 @@ def _unknown_key(key: str, candidates: list[str], all_keys: list[str]) -> Config
     close = close or [k for k in same_depth if k.rsplit(".", 1)[-1] == leaf][:1]
     close = close or difflib.get_close_matches(key, same_depth, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(candidates)}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key '{key}'{hint} (every key: docs/configs.md)")
 
 
 def _build(cls: type, data: Any, prefix: str, all_keys: list[str]) -> Any:

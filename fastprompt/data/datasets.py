@@ -1,6 +1,6 @@
 """The dataset registry and `load_dataset`: one entry per supported layout.
 
-The data root holds CoOp's community layout (users bring the files; see PROTOCOLS.md):
+The data root holds CoOp's community layout (users bring the files; docs/datasets.md):
 
     <data root>/
       imagenet/classnames.txt, imagenet/images/{train,val}/<wnid>/*       test = val
@@ -86,7 +86,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
-    """Read dataset `name` from the data root `root` (the community layout, see PROTOCOLS.md).
+    """Read dataset `name` from the data root `root` (the community layout, docs/datasets.md).
 
     For "imagefolder", `root` is the image folder itself. For the others `root` is the data root
     holding e.g. `caltech-101/`; `root` may also be the dataset's own folder when it carries the
@@ -99,7 +99,7 @@ def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
     root = Path(root).expanduser()
     if not root.is_dir():
         state = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout:\n{spec.layout}")
+        raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout (docs/datasets.md):\n{spec.layout}")
     if spec.folder is None:
         return spec.read(root, root)
     dataset_dir = root / spec.folder

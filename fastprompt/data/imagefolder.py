@@ -52,7 +52,7 @@ def _class_order(root: Path, found: list[str]) -> list[str]:
     if sorted(listed) != sorted(found) or len(set(listed)) != len(listed):
         raise DatasetError(
             f"{str(path)!r} must list each class folder exactly once; it lists {listed[:10]}, "
-            f"the folders are {found[:10]}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            f"the folders are {found[:10]}. Expected layout (docs/datasets.md):\n{IMAGEFOLDER_LAYOUT}"
         )
     return listed
 
@@ -64,7 +64,7 @@ def _read_split(folder: Path, classes: list[str], split: str) -> list[Sample]:
     if unknown:
         raise DatasetError(
             f"{split} folder {str(folder)!r} has class folders {unknown[:10]} that train/ lacks; every class "
-            f"must appear in train/. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            f"must appear in train/. Expected layout (docs/datasets.md):\n{IMAGEFOLDER_LAYOUT}"
         )
     samples = []
     present = set(found)
@@ -83,7 +83,7 @@ def load_imagefolder(root: Path) -> DatasetSplits:
     if train_dir.is_dir():
         classes = _class_order(root, list_subfolders(train_dir))
         if not classes:
-            raise DatasetError(f"{str(train_dir)!r} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+            raise DatasetError(f"{str(train_dir)!r} has no class folders. Expected layout (docs/datasets.md):\n{IMAGEFOLDER_LAYOUT}")
         train = _read_split(train_dir, classes, "train")
         splits = {"train": train}
         for split in ("val", "test"):
@@ -95,7 +95,7 @@ def load_imagefolder(root: Path) -> DatasetSplits:
 
     classes = _class_order(root, list_subfolders(root))
     if not classes:
-        raise DatasetError(f"{str(root)!r} has neither train/ nor class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+        raise DatasetError(f"{str(root)!r} has neither train/ nor class folders. Expected layout (docs/datasets.md):\n{IMAGEFOLDER_LAYOUT}")
     train, val, test = [], [], []
     for label, c in enumerate(classes):
         files = list_images(root / c)

@@ -37,13 +37,13 @@ def require_dir(path: Path, what: str, layout: str) -> None:
     """Raise a DatasetError naming `path` and showing the expected `layout` if it is not a folder."""
     if not path.is_dir():
         state = "is not a folder" if path.exists() else "does not exist"
-        raise DatasetError(f"{what} {str(path)!r} {state}. Expected layout:\n{layout}")
+        raise DatasetError(f"{what} {str(path)!r} {state}. Expected layout (docs/datasets.md):\n{layout}")
 
 
 def require_file(path: Path, what: str, layout: str) -> None:
     if not path.is_file():
         state = "is not a file" if path.exists() else "does not exist"
-        raise DatasetError(f"{what} {str(path)!r} {state}. Expected layout:\n{layout}")
+        raise DatasetError(f"{what} {str(path)!r} {state}. Expected layout (docs/datasets.md):\n{layout}")
 
 
 def load_rgb(path: str, draft_short_side: int | None = None) -> Image.Image:

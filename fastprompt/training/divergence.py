@@ -18,7 +18,7 @@ __all__ = ["LossTally", "diverged_message", "diverged_error"]
 def diverged_message(epoch: int, step: int) -> str:
     return (f"training diverged in epoch {epoch} (by step {step}): the loss or the trained weights became inf/NaN; "
             "the run stopped and the last good checkpoint is kept. Try a lower optim.lr, optim.grad_clip=1.0, "
-            "or train.precision=bf16 instead of fp16 (with changed settings, train into a new output_dir)")
+            "or train.precision=bf16 instead of fp16 (with changed settings, train into a new output_dir; docs/training.md)")
 
 
 def diverged_error(exc: Exception, params: list[torch.Tensor], *, epoch: int, step: int,

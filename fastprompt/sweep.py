@@ -42,6 +42,7 @@ from .run_folder import RunFolder
 
 __all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "report_folder"]
 
+
 @dataclass
 class Sweep:
     path: Path

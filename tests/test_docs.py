@@ -78,7 +78,7 @@ def test_nothing_refers_to_files_outside_the_repository():
     offenders = []
     for path in _tracked_files():
         rel = str(path.relative_to(REPO))
-        if rel in OUTSIDE_REFERENCES_ALLOWED or path.suffix in (".png", ".json", ".safetensors"):
+        if rel in OUTSIDE_REFERENCES_ALLOWED or rel == "tests/test_docs.py" or path.suffix in (".png", ".json"):
             continue
         try:
             text = path.read_text()

@@ -21,6 +21,7 @@ from ..config import Config, check_method_options, config_to_dict
 from ..data import DatasetSplits, GpuAugment, TrainImageCache, few_shot_split, load_dataset
 from ..errors import ConfigError, DatasetError
 from ..fast_paths import configure_text
+from ..kernels.validation import check_triton_device
 from ..methods import METHOD_NAMES, build_model, method_defaults
 from ..methods.templates import template_for
 from ..metrics import Evaluator
@@ -105,6 +106,7 @@ class Session:
 
     def build_model(self, classnames: list[str], seed: int) -> nn.Module:
         seed_everything(seed)  # the prompt/head initialisation depends on the seed, as in Dassl
+        self.check_backends()
         options = dict(self.method_options)
         if self.follows_dataset_template:
             options["template"] = template_for(self.cfg.method.name, self.cfg.data.dataset)
@@ -115,6 +117,19 @@ class Session:
             raise ConfigError(f"method {self.cfg.method.name}: {exc} (set in method.options)") from exc
         configure_text(model, chunk_size=self.cfg.train.text_chunk_size)
         return model.to(self.device)
+
+    def check_backends(self) -> None:
+        """A Triton backend the config asks for must be able to run on this device: asked here, with
+        the kernels' own rule, so that a config that cannot run is refused before any training (the
+        kernels raise ValueErrors, which the command would show as a bug)."""
+        chosen = [f"method.options.{key}=triton" for key in ("attention_backend", "head_backend")
+                  if self.method_options.get(key) == "triton"]
+        if chosen:
+            try:
+                check_triton_device(" and ".join(chosen), "attention_backend=sdpa or reference, head_backend=reference",
+                                    probe=torch.empty(1, device=self.device))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
 
     def train_model(self, model: nn.Module, train_samples: list, seed_dir: Path, seed: int) -> dict:
         """Fit on `train_samples` (or load seed_dir's checkpoint when not training); train stats."""

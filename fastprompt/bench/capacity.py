@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import ConfigError
 from ..methods import build_model
 from .stepper import Stepper, method_options, timed_steps
 from .synthetic import class_names
@@ -23,7 +24,8 @@ def vision_mfu(clip, method: str, batch: int, *, device: torch.device, steps: in
     torch.manual_seed(0)
     model = build_model(method, clip, class_names(2), **method_options(method, clip)).to(device).train()
     if not getattr(model, "image_prompted", False):
-        raise ValueError(f"{method} does not prompt the image encoder")
+        raise ConfigError(f"--vision-mfu {method}: {method} does not prompt the image encoder (maple, dpl and their "
+                          "dept+ variants do)")
     images = torch.randn(batch, 3, clip.image_size, clip.image_size, device=device)
 
     def step():

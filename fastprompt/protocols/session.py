@@ -28,7 +28,7 @@ from ..metrics import Evaluator
 from ..run_folder import RESULT_FILE, RunFolder, checkpoints_dir, finished_result, load_trained
 from ..training import RunLogger, fit, resolve_device, seed_everything
 
-__all__ = ["Say", "silent", "Session"]
+__all__ = ["Say", "silent", "Session", "require_test_images"]
 
 Say = Callable[[str], None]
 

@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "ModelError",
+    "ClassNamesError",
     "MissingFileError",
     "CheckpointError",
     "RunFolderError",
@@ -42,6 +43,11 @@ class DatasetError(FastpromptError, ValueError):
 class ModelError(FastpromptError, ValueError):
     """A backbone that cannot be built as asked: unknown model name or pretrained tag, a weights
     file that does not fit the model, weights that cannot be fetched."""
+
+
+class ClassNamesError(FastpromptError, ValueError):
+    """A class list that cannot be prompted faithfully: a name given twice, names whose prompts
+    tokenize identically, or prompts longer than the text encoder's context."""
 
 
 class MissingFileError(FastpromptError, FileNotFoundError):

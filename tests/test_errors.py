@@ -9,6 +9,7 @@ LEGACY_BASES = {
     "ConfigError": ValueError,
     "DatasetError": ValueError,
     "ModelError": ValueError,
+    "ClassNamesError": ValueError,
     "MissingFileError": FileNotFoundError,
     "CheckpointError": RuntimeError,
     "RunFolderError": ValueError,

@@ -27,6 +27,7 @@ the folder's name.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ from .errors import DatasetError
 from .imagefolder import IMAGEFOLDER_LAYOUT, load_imagefolder
 from .imagenet import IMAGENET_LAYOUT, load_imagenet, load_imagenet_variant, variant_layout
 from .split_files import FGVC_LAYOUT, load_fgvc_aircraft, load_split_file_dataset, split_file_layout
-from .splits import DatasetSplits
+from .splits import DatasetSplits, coverage_warnings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,13 @@ def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
         state = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout (docs/datasets.md):\n{spec.layout}")
     if spec.folder is None:
-        return spec.read(root, root)
-    dataset_dir = root / spec.folder
-    if not dataset_dir.exists() and root.name == spec.folder:
-        dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
-    return spec.read(root, dataset_dir)
+        splits = spec.read(root, root)
+    else:
+        dataset_dir = root / spec.folder
+        if not dataset_dir.exists() and root.name == spec.folder:
+            dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
+        splits = spec.read(root, dataset_dir)
+    splits.warnings.extend(coverage_warnings(splits))
+    for warning in splits.warnings:
+        log.warning(warning)
+    return splits

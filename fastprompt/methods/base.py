@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastprompt.clip import ClipBundle
+from fastprompt.errors import ClassNamesError
 from fastprompt.encoders import ImageEncoder, TextEncoder
 from fastprompt.kernels.reference import itm_logits
 
@@ -25,12 +26,22 @@ class ModelOutput:
 
 
 def check_classnames(classnames: Sequence[str]) -> List[str]:
+    """The class names as prompts spell them ('_' reads as a space); a name given twice is refused:
+    two classes with one prompt get identical logits and one of them can never be predicted."""
     if isinstance(classnames, str) or not isinstance(classnames, Sequence) or len(classnames) == 0:
         raise ValueError("classnames must be a non-empty list of class-name strings")
     bad = [c for c in classnames if not isinstance(c, str) or not c.strip()]
     if bad:
         raise ValueError(f"classnames must be non-empty strings, got {bad[:3]}")
-    return [c.replace("_", " ").strip() for c in classnames]
+    names = [" ".join(c.replace("_", " ").split()) for c in classnames]
+    first = {}
+    for i, name in enumerate(names):
+        if name in first:
+            j = first[name]
+            raise ClassNamesError(f"classnames {classnames[j]!r} (position {j}) and {classnames[i]!r} (position {i}) are "
+                             f"the same class name {name!r}; give every class its own name")
+        first[name] = i
+    return names
 
 
 class PromptModel(nn.Module, ABC):
@@ -168,7 +179,12 @@ class PromptedCLIP(PromptModel):
     def itm_loss(self, logits: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the ITM logits plus the method's regulariser."""
         self.check_labels(labels, logits.shape[0])
-        loss = F.cross_entropy(logits, labels.long())
+        try:
+            loss = F.cross_entropy(logits, labels.long())
+        except IndexError:  # a label outside [0, C) (on the CPU; checking first would cost a device sync)
+            c = logits.shape[1]
+            raise ValueError(f"labels must lie in [0, {c}) for C={c} classes; got min {int(labels.min())}, "
+                             f"max {int(labels.max())}") from None
         extra = self.regularizer(text_features)
         return loss if extra is None else loss + extra
 

@@ -26,8 +26,9 @@ def clip():
 
 
 def make(method, clip, classes=CLASSES, **options):
-    if "depth" in method_defaults(method):
-        options.setdefault("depth", 2)  # the tiny model has 3 layers
+    for key in ("depth", "vis_depth"):
+        if key in method_defaults(method):
+            options.setdefault(key, 2)  # the tiny model has 3 layers
     return build_model(method, clip, classes, **options)
 
 

@@ -7,7 +7,10 @@ needs the test images' features, which never change. Two exact speed-ups follow:
 * `EpochImageFeatures`: the views of the next `steps_per_chunk` training steps are augmented in
   the loop's order with the loop's generator (the same random draws as step-by-step), then
   encoded in one no-grad batch under the run's autocast (bf16 on a GPU) instead of at the paper's
-  batch of 4. The steps then run `model.forward_features`.
+  batch of 4. The steps then run `model.forward_features`. PromptSRC prompts its image encoder
+  but also compares with the frozen encoder's features of the same views: there the chunk keeps
+  its views (`keep_views=True`), encodes them with `model.encode_frozen_images`, and each step
+  runs `model(views, labels, frozen_image_features=...)`.
 * `EvalFeatureCache`: test-image features cached on disk per backbone fingerprint (model name,
   weights digest, dtype, precision, image size, normalisation) and per image file (path, size,
   mtime), so base and new classes of one test split, every epoch, seed and method share them.
@@ -32,8 +35,8 @@ from torch import nn
 
 from .atomic_io import atomic_write_bytes
 
-__all__ = ["uses_image_features", "EpochImageFeatures", "backbone_fingerprint", "EvalFeatureCache", "encode_samples",
-           "features_accuracy", "text_encoders", "configure_text"]
+__all__ = ["uses_image_features", "uses_frozen_image_features", "EpochImageFeatures", "backbone_fingerprint",
+           "EvalFeatureCache", "encode_samples", "features_accuracy", "text_encoders", "configure_text"]
 
 
 def uses_image_features(model: nn.Module) -> bool:
@@ -41,8 +44,18 @@ def uses_image_features(model: nn.Module) -> bool:
     return hasattr(model, "forward_features") and getattr(model, "image_prompted", True) is False
 
 
+def uses_frozen_image_features(model: nn.Module) -> bool:
+    """True when the model's loss compares with the frozen image encoder's features of each step's
+    views (PromptSRC): the loop can encode those in large no-grad batches (`EpochImageFeatures`
+    with `encode=model.encode_frozen_images, keep_views=True`) and pass them to the step."""
+    return bool(getattr(model, "needs_frozen_image_features", False))
+
+
 class EpochImageFeatures:
-    """Iterator over one epoch's steps `first..steps-1` yielding (image features, labels).
+    """Iterator over one epoch's steps `first..steps-1` yielding (image features, labels), or with
+    `keep_views=True` (views, image features, labels): the views for a prompted image encoder, the
+    features from `encode` (default `model.encode_images`; PromptSRC's frozen branch passes
+    `model.encode_frozen_images`).
 
     `order` is the epoch's sample permutation; step i takes order[i*bs:(i+1)*bs] and keeps rows
     `part` of it (a DDP rank's share; all by default). Views are drawn by
@@ -54,10 +67,13 @@ class EpochImageFeatures:
 
     def __init__(self, model: nn.Module, source, augment: Callable, order: torch.Tensor, *, batch_size: int,
                  steps: int, steps_per_chunk: int, device: torch.device, generator: torch.Generator,
-                 autocast: Callable, to_device: Callable, first: int = 0, part: slice = slice(None)):
+                 autocast: Callable, to_device: Callable, first: int = 0, part: slice = slice(None),
+                 encode: Optional[Callable] = None, keep_views: bool = False):
         if steps_per_chunk < 1:
             raise ValueError(f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
         self.model, self.source, self.augment, self.order = model, source, augment, order
+        self.encode = encode if encode is not None else model.encode_images
+        self.keep_views = keep_views
         self.bs, self.first, self.steps, self.per_chunk, self.part = batch_size, first, steps, steps_per_chunk, part
         self.device, self.generator, self.autocast, self.to_device = device, generator, autocast, to_device
         self._states: dict[int, torch.Tensor] = {}
@@ -65,7 +81,7 @@ class EpochImageFeatures:
     def generator_state_after(self, step: int) -> torch.Tensor:
         return self._states[step]
 
-    def _chunk(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chunk(self, first: int, count: int) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
         views, labels = [], []
         self._states.clear()
         for i in range(first, first + count):
@@ -73,17 +89,20 @@ class EpochImageFeatures:
             views.append(self.augment(self.to_device(images, self.device), generator=self.generator)[self.part])
             labels.append(y.to(self.device, non_blocking=True)[self.part])
             self._states[i] = self.generator.get_state()
+        views = torch.cat(views)
         with torch.no_grad(), self.autocast():
-            features = self.model.encode_images(torch.cat(views))
-        return features, torch.cat(labels)
+            features = self.encode(views)
+        # Without keep_views the views go now (a chunk of them is large), as before this option.
+        return (views if self.keep_views else None), features, torch.cat(labels)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for first in range(self.first, self.steps, self.per_chunk):
             count = min(self.per_chunk, self.steps - first)
-            features, labels = self._chunk(first, count)
+            views, features, labels = self._chunk(first, count)
             rows = features.shape[0] // count
             for j in range(count):
-                yield features[j * rows : (j + 1) * rows], labels[j * rows : (j + 1) * rows]
+                step = slice(j * rows, (j + 1) * rows)
+                yield (views[step], features[step], labels[step]) if self.keep_views else (features[step], labels[step])
 
 
 def backbone_fingerprint(clip, precision: str) -> str:

@@ -96,14 +96,17 @@ class PromptSRC(IVLP):
         if text_features.ndim != 2:
             raise ValueError(f"text_features must be [C, d] class features, got {tuple(text_features.shape)}")
         g0 = self.frozen_text_features()
-        f0 = F.normalize(frozen_image_features.detach().float(), dim=-1)
-        logits = itm_logits(image_features.float(), text_features.float(), self.logit_scale)  # the CE's logits
-        zero_shot_logits = itm_logits(f0, g0, self.logit_scale)
-        kl = F.kl_div(
-            F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot_logits, dim=-1), reduction="sum", log_target=True
-        ) / logits.numel()
-        text_l1 = F.l1_loss(F.normalize(text_features.float(), dim=-1), g0)
-        image_l1 = F.l1_loss(F.normalize(image_features.float(), dim=-1), f0)
+        # Small [B, C] and [B, d] tensors: float32 even under autocast (bf16 logits of scale 100
+        # keep about 0.1 of absolute precision, too coarse for a KL between two close predictions).
+        with torch.autocast(g0.device.type, enabled=False):
+            f0 = F.normalize(frozen_image_features.detach().float(), dim=-1)
+            logits = itm_logits(image_features.float(), text_features.float(), self.logit_scale)
+            zero_shot_logits = itm_logits(f0, g0, self.logit_scale)
+            kl = F.kl_div(
+                F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot_logits, dim=-1), reduction="sum", log_target=True
+            ) / logits.numel()
+            text_l1 = F.l1_loss(F.normalize(text_features.float(), dim=-1), g0)
+            image_l1 = F.l1_loss(F.normalize(image_features.float(), dim=-1), f0)
         return {"kl": kl, "text_l1": text_l1, "image_l1": image_l1}
 
     def regularizer(

@@ -382,3 +382,16 @@ def test_epoch_features_can_carry_the_frozen_branch(clip):
         assert torch.equal(views, expected_views) and torch.equal(y, labels[order[i * 4 : (i + 1) * 4]])
         torch.testing.assert_close(model(views, y, frozen_image_features=frozen).loss, model(views, y).loss,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_regularisers_are_float32_under_autocast(clip):
+    model = perturb(build_model("promptsrc", clip, CLASSES, **DEEP))
+    images, _ = batch()
+    with torch.no_grad():
+        f, g, f0 = model.encode_images(images), model.text_features(), model.encode_frozen_images(images)
+        plain = model.self_regulating_terms(g, f, f0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.self_regulating_terms(g, f, f0)
+    for name in plain:
+        assert mixed[name].dtype == torch.float32
+        torch.testing.assert_close(mixed[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)

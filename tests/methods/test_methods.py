@@ -74,7 +74,7 @@ def test_backbone_stays_in_eval_mode(clip):
         assert not any(m.training for m in encoder.modules())
 
 
-@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "dpl"])
+@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "dpl", "ivlp", "promptsrc"])
 def test_switching_classnames_matches_a_fresh_build(clip, method):
     torch.manual_seed(1)
     model = make(method, clip).eval()

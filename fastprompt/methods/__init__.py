@@ -13,6 +13,6 @@ from .promptsrc import PromptSRC
 from .zsclip import ZeroShotCLIP
 
 __all__ = [
-    "ModelOutput", "PromptModel", "PromptedCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "DPL", "IVLP", "PromptSRC", "DePT",
-    "ZeroShotCLIP", "BASE_METHODS", "METHOD_NAMES", "build_model", "method_defaults", "parse_method",
+    "ModelOutput", "PromptModel", "PromptedCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "DPL", "IVLP", "PromptSRC",
+    "DePT", "ZeroShotCLIP", "BASE_METHODS", "METHOD_NAMES", "build_model", "method_defaults", "parse_method",
 ]

@@ -95,8 +95,9 @@ class PromptModel(nn.Module, ABC):
     def check_frozen_image_features(self, features: torch.Tensor, batch: int) -> None:
         if not self.needs_frozen_image_features:
             raise ValueError(f"{self.method} does not use frozen image features; call it without frozen_image_features")
-        if not isinstance(features, torch.Tensor) or not features.is_floating_point() or features.shape != (batch, self.embed_dim):
-            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        is_tensor = isinstance(features, torch.Tensor)
+        if not is_tensor or not features.is_floating_point() or features.shape != (batch, self.embed_dim):
+            got = tuple(features.shape) if is_tensor else type(features).__name__
             raise ValueError(
                 f"frozen_image_features must be a float tensor [{batch}, {self.embed_dim}] (the frozen image "
                 f"encoder's features of the same {batch} images), got {got}"
@@ -225,7 +226,9 @@ class PromptedCLIP(PromptModel):
         """Cross-entropy on the ITM logits plus the method's regulariser."""
         self.check_labels(labels, logits.shape[0])
         loss = F.cross_entropy(logits, labels.long())
-        extra = self.regularizer(text_features, image_features=image_features, frozen_image_features=frozen_image_features)
+        extra = self.regularizer(
+            text_features, image_features=image_features, frozen_image_features=frozen_image_features
+        )
         return loss if extra is None else loss + extra
 
     def train(self, mode: bool = True):

@@ -376,7 +376,8 @@ def test_epoch_features_can_carry_the_frozen_branch(clip):
                                encode=model.encode_frozen_images, keep_views=True)
     ref_gen = torch.Generator().manual_seed(7)
     got = list(steps)
-    assert len(got) == 3 and uses_frozen_image_features(model) and not uses_frozen_image_features(build_model("ivlp", clip, CLASSES, **DEEP))
+    assert len(got) == 3 and uses_frozen_image_features(model)
+    assert not uses_frozen_image_features(build_model("ivlp", clip, CLASSES, **DEEP))
     for i, (views, frozen, y) in enumerate(got):
         expected_views = augment(images[order[i * 4 : (i + 1) * 4]], generator=ref_gen)
         assert torch.equal(views, expected_views) and torch.equal(y, labels[order[i * 4 : (i + 1) * 4]])

@@ -17,12 +17,19 @@ from torch import nn
 
 from .encoders import TextEncoder
 
-__all__ = ["uses_image_features", "text_encoders", "configure_text"]
+__all__ = ["uses_image_features", "uses_frozen_image_features", "text_encoders", "configure_text"]
 
 
 def uses_image_features(model: nn.Module) -> bool:
     """True when the model's image features can be precomputed (frozen, unprompted image encoder)."""
     return hasattr(model, "forward_features") and getattr(model, "image_prompted", True) is False
+
+
+def uses_frozen_image_features(model: nn.Module) -> bool:
+    """True when the model's loss compares with the frozen image encoder's features of each step's
+    views (PromptSRC): the loop can encode those in large no-grad batches (`FeatureEncoding` with
+    `encode_images=model.encode_frozen_images, keep_views=True`) and pass them to the step."""
+    return bool(getattr(model, "needs_frozen_image_features", False))
 
 
 def text_encoders(model: nn.Module) -> list:

@@ -15,8 +15,10 @@ from .cocoop import CoCoOp
 from .coop import CoOp
 from .dept import DePT
 from .dpl import DPL
+from .ivlp import IVLP
 from .kgcoop import KgCoOp
 from .maple import MaPLe
+from .promptsrc import PromptSRC
 from .zsclip import ZeroShotCLIP
 
 BASE_METHODS = {
@@ -26,6 +28,8 @@ BASE_METHODS = {
     "kgcoop": KgCoOp,
     "maple": MaPLe,
     "dpl": DPL,
+    "ivlp": IVLP,
+    "promptsrc": PromptSRC,
 }
 COMMON_DEFAULTS = {"attention_backend": "sdpa"}
 # DePT's own settings for its base methods (its paper): KgCoOp's term weighs 2.0, not 8.0.

@@ -30,11 +30,16 @@ class BatchSource(Protocol):
 
 @dataclass
 class FeatureEncoding:
-    """Encode the views of `steps_per_chunk` steps at a time with `encode_images` under `autocast`."""
+    """Encode the views of `steps_per_chunk` steps at a time with `encode_images` under `autocast`.
+
+    `keep_views`: the steps get (views, features) instead of the features alone: PromptSRC prompts
+    its image encoder but compares with the frozen encoder's features of the same views, which
+    `encode_images=model.encode_frozen_images` computes here in one no-grad batch per chunk."""
 
     encode_images: Callable[[torch.Tensor], torch.Tensor]
     steps_per_chunk: int
     autocast: Callable
+    keep_views: bool = False
 
     def __post_init__(self):
         if self.steps_per_chunk < 1:
@@ -90,9 +95,14 @@ class EpochBatches:
             count = min(per_chunk, self.steps - first)
             self._states.clear()
             views, labels = zip(*(self._views(i) for i in range(first, first + count)))
+            views = torch.cat(views)
             with torch.no_grad(), self.features.autocast():
-                encoded = self.features.encode_images(torch.cat(views))
+                encoded = self.features.encode_images(views)
+            if not self.features.keep_views:
+                del views  # a chunk of views is large: only the features stay
             labels = torch.cat(labels)
             rows = encoded.shape[0] // count
             for j in range(count):
-                yield encoded[j * rows : (j + 1) * rows], labels[j * rows : (j + 1) * rows]
+                step = slice(j * rows, (j + 1) * rows)
+                inputs = (views[step], encoded[step]) if self.features.keep_views else encoded[step]
+                yield inputs, labels[step]

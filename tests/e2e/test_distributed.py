@@ -107,9 +107,9 @@ def test_every_method_gives_every_trainable_a_gradient():
     clip = load_clip("fastprompt-tiny", None, dtype="fp32", device="cpu")
     checked = 0
     for name in METHOD_NAMES:
-        # The published defaults, with only the depth set (the tiny model has 3 layers): options a
+        # The published defaults, with only the depths set (the tiny model has 3 layers): options a
         # method's chosen variant does not use are refused when passed explicitly.
-        options = {"depth": 2} if "depth" in method_defaults(name) else {}
+        options = {k: 2 for k in ("depth", "vis_depth") if k in method_defaults(name)}
         model = build_model(name, clip, ["cat", "dog", "fox"], **options).train()
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:

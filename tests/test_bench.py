@@ -199,6 +199,7 @@ def test_throughput_pass_records_no_phases(style, monkeypatch):
     (["--batches", "0"], "argument --batches: must be >= 1, got 0"),
     (["--classes", "5", "-3"], "argument --classes: must be >= 1, got -3"),
     (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     (["--run-epochs", "two"], "argument --run-epochs: expected a whole number >= 1, got 'two'"),
     (["--run-classes", "0"], "argument --run-classes: must be >= 1, got 0"),
     (["--run-shots", "0"], "argument --run-shots: must be >= 1, got 0"),

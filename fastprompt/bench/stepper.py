@@ -22,7 +22,7 @@ import torch
 from ..compiled import compile_encoders
 from ..config import OptimConfig
 from ..data import GpuAugment
-from ..fast_paths import configure_text, uses_frozen_image_features, uses_image_features
+from ..fast_paths import configure_text, uses_frozen_image_features
 from ..methods import build_model, method_defaults
 from ..official import CpuAugmentDataset, build_official_model, official_batches, official_train_loader, train_transform
 from ..training import EpochBatches, Precision, build_optimizer, step_forward, train_step
@@ -72,23 +72,27 @@ class Stepper:
         self.optimizer = build_optimizer(self.model, OptimConfig())
         # The official style's fp16 is in its weights: no autocast, no loss scaling.
         self.precision = Precision("bf16" if style == "fast" else "fp32", device)
-        # Image features computed ahead in no-grad batches: an unprompted encoder's, or PromptSRC's frozen ones.
-        self.precompute = style == "fast" and (uses_image_features(self.model)
-                                               or uses_frozen_image_features(self.model))
-        self.steps_per_cycle = max(1, feature_batch // batch) if self.precompute else 1
         if clock is not None:
             inner = getattr(self.model, "base", self.model)  # DePT: the base method computes the features
             inner.encode_images = clock.wrap(inner.encode_images, "image_encoder")
             inner.text_features = clock.wrap(inner.text_features, "text_encoder")
             if uses_frozen_image_features(inner):  # PromptSRC's frozen branch: a second image encoder
                 inner.encode_frozen_images = clock.wrap(inner.encode_frozen_images, "frozen_image_encoder")
+        # The fast style encodes image features that need no gradient ahead, in no-grad batches of
+        # feature_batch images (an unprompted encoder's, or PromptSRC's frozen ones): the loop's rule.
+        self.forward, self._features = self.model, None
+        if style == "fast":
+            self.forward, self._features = step_forward(self.model, self.model,
+                                                        steps_per_chunk=max(1, feature_batch // batch),
+                                                        autocast=self.precision.autocast)
+        self.precompute = self._features is not None
+        self.steps_per_cycle = self._features.steps_per_chunk if self.precompute else 1
         if style == "official":
             n = max(batch * 4, 64)
             labels = torch.randint(0, classes, (n,)).tolist()
             jpegs = synthetic_jpegs(min(n, 256), clip.image_size, seed=seed)  # each access decodes anew
             dataset = CpuAugmentDataset([jpegs[i % len(jpegs)] for i in range(n)], labels, train_transform(clip))
             self.loader = official_train_loader(dataset, batch_size=batch, num_workers=num_workers, seed=seed)
-            self.forward = self.model
             self._batches = self._official_batches()
         else:
             n = batch * self.steps_per_cycle
@@ -97,18 +101,16 @@ class Stepper:
             self.augment = GpuAugment(clip.image_size, clip.mean, clip.std).to(device)
             if compile:
                 compile_encoders(self.model, cuda_graphs=cuda_graphs)
-            self.forward, self._features = step_forward(self.model, self.model, steps_per_chunk=self.steps_per_cycle,
-                                                        autocast=self.precision.autocast)
             self._batches = self._fast_batches()
 
     def _fast_batches(self) -> Iterator:
         g = torch.Generator(device=self.device).manual_seed(1)
         n = self.source.images.shape[0]
-        features = self._features
         while True:
             order = torch.randperm(max(n, self.batch * self.steps_per_cycle))
             yield from EpochBatches(self.source, self.augment, order, batch_size=self.batch,
-                                    steps=self.steps_per_cycle, device=self.device, generator=g, features=features)
+                                    steps=self.steps_per_cycle, device=self.device, generator=g,
+                                    features=self._features)
 
     def _official_batches(self) -> Iterator:
         while True:
@@ -132,7 +134,7 @@ class Stepper:
         labels = torch.randint(0, self.model.num_classes, (self.batch,), device=self.device)
         counter = FlopCounterMode(display=False)
         with counter, torch.autocast(self.device.type, dtype=torch.bfloat16):
-            if self.precompute and uses_image_features(self.model):
+            if self.precompute and not self._features.keep_views:  # steps on image features
                 with torch.no_grad():
                     features = self.model.encode_images(images)
                 loss = self.model.forward_features(features, labels).loss

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import yaml
 
 from .compose import composed_data, dataset_settings, layer_data, layer_description, method_names, split_method
-from .schema import Config, apply_overrides, config_from_dict, config_to_dict
+from .schema import Config, config_from_dict, config_to_dict
 
 __all__ = ["PUBLISHED_PROTOCOLS", "published_path", "published_text", "write_published"]
 

@@ -204,6 +204,8 @@ def _add_bench_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES),
                    help="what to measure (default both; `--style official` alone: the baseline only)")
     p.add_argument("--steps", type=_positive_int, default=None, help="measured steps per configuration")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="measured passes per configuration, the median reported (default 3; smoke 1)")
     p.add_argument("--compile", action="store_true",
                    help="fast path: torch.compile the encoder trunks (dynamic class count) for the images/s pass")
     p.add_argument("--cuda-graphs", action="store_true",

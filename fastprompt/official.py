@@ -5,6 +5,8 @@ What it does, per step, like that code:
   * fp16 weights, eager (no autocast, no compile, no fused kernels: attention through SDPA as
     PyTorch's nn.MultiheadAttention would);
   * the image encoder runs on every step's images at the step's batch size (the paper's 4);
+    PromptSRC's frozen image encoder runs on them a second time, in the same step (its trainer's
+    way), and its Gaussian prompt aggregation averages the epochs as its trainer does;
   * every class prompt goes through the text encoder at all 77 positions, every step and every
     evaluation batch (no truncation, no chunking);
   * images are decoded by PIL and augmented by torchvision transforms on the CPU per step, in a
@@ -35,6 +37,7 @@ from .config import Config
 from .data import eval_loader
 from .fast_paths import configure_text
 from .methods import build_model
+from .methods.gpa import GaussianPromptAggregation
 from .protocols import Say, Session
 from .training import Precision, build_optimizer, set_epoch_lr, train_step
 
@@ -129,6 +132,7 @@ class OfficialSession(Session):
                                        num_workers=cfg.train.num_workers, seed=seed)
         optimizer = build_optimizer(model, cfg.optim)
         eager = Precision("fp32", self.device)  # no autocast, no loss scaling: the fp16 is in the weights
+        gpa = GaussianPromptAggregation.for_model(model, cfg.train.epochs)  # PromptSRC's, as its trainer does
         model.train()
         steps, start = 0, time.perf_counter()
         for epoch in range(cfg.train.epochs):
@@ -136,6 +140,10 @@ class OfficialSession(Session):
             for images, labels in official_batches(loader, self.device):
                 train_step(model, images, labels, optimizer, eager)
                 steps += 1
+            if gpa is not None:
+                gpa.accumulate(model.state_dict(), epoch + 1)
+        if gpa is not None:
+            gpa.apply(model)
         seconds = time.perf_counter() - start
         return {"steps": steps, "seconds": round(seconds, 3),
                 "images_per_s": round(steps * loader.batch_size / max(seconds, 1e-9), 2)}

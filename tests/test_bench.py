@@ -94,6 +94,31 @@ def test_stepper_trains_and_counts_model_flops(style):
         assert flops > 2 * 4 * 16 * (3 * 8 * 8) * 96
 
 
+@pytest.mark.parametrize("style", ["fast", "official"])
+def test_promptsrc_steps_batch_the_frozen_branch_on_the_fast_path_only(style):
+    """The fast style encodes the frozen image features of a whole cycle (feature_batch images) in
+    one no-grad batch; the official style runs the frozen encoder again in every step, as PromptSRC's
+    code does. Both time it as its own phase; the depths are clipped to the tiny model's 3 layers."""
+    from fastprompt.bench import method_options
+    from fastprompt.bench.timing import PhaseClock as Clock
+
+    torch.manual_seed(0)
+    clip = official_clip(TINY_MODEL, None, "cpu") if style == "official" else load_clip(TINY_MODEL, None)
+    assert method_options("dept+promptsrc", clip) == {"depth": 3, "vis_depth": 3}
+    clock = Clock(torch.device("cpu"))
+    stepper = Stepper(style, clip, "dept+promptsrc", 4, 5, device=torch.device("cpu"), feature_batch=8, clock=clock)
+    inner = stepper.model.base
+    sizes = []
+    frozen = inner.encode_frozen_images
+    inner.encode_frozen_images = lambda images: sizes.append(images.shape[0]) or frozen(images)
+    before = inner.vision_prompts.tokens[1].detach().clone()
+    losses = [float(stepper.step()) for _ in range(4)]
+    assert all(torch.isfinite(torch.tensor(losses))) and not torch.equal(inner.vision_prompts.tokens[1], before)
+    assert sizes == ([8, 8] if style == "fast" else [4] * 4)
+    assert stepper.steps_per_cycle == (2 if style == "fast" else 1)
+    assert {"image_encoder", "frozen_image_encoder", "text_encoder", "head", "backward"} <= set(clock.totals())
+
+
 def test_bench_train_smoke_writes_json_chart_and_report(tmp_path, capsys):
     path = bench_train("--smoke", "--out", str(tmp_path), "--run", "dept+coop", "--max-batch", "dept+coop",
                        "--vision-mfu", "maple")
@@ -174,6 +199,7 @@ def test_throughput_pass_records_no_phases(style, monkeypatch):
     (["--batches", "0"], "argument --batches: must be >= 1, got 0"),
     (["--classes", "5", "-3"], "argument --classes: must be >= 1, got -3"),
     (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     (["--run-epochs", "two"], "argument --run-epochs: expected a whole number >= 1, got 'two'"),
     (["--run-classes", "0"], "argument --run-classes: must be >= 1, got 0"),
     (["--run-shots", "0"], "argument --run-shots: must be >= 1, got 0"),

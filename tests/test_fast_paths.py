@@ -2,7 +2,8 @@
 
 * text encoded only up to the longest real prompt == the official 77-token path;
 * text encoded in checkpointed chunks == all at once (values and gradients);
-* training on image features precomputed in large batches == step-by-step image encoding;
+* training on image features precomputed in large batches == step-by-step image encoding, and the
+  same for PromptSRC's frozen-branch image features;
 * accuracy from cached test-image features == streaming the images, and the cache is reused.
 """
 from __future__ import annotations
@@ -30,8 +31,10 @@ def clip():
 
 def _model(clip, method, names=NAMES, seed=1, **options):
     torch.manual_seed(seed)
-    if method.endswith(("maple", "dpl")):
+    if method.endswith(("maple", "dpl", "ivlp", "promptsrc")):
         options.setdefault("depth", 3)  # the tiny model has 3 layers per tower
+    if method.endswith(("ivlp", "promptsrc")):
+        options.setdefault("vis_depth", 3)
     model = build_model(method, clip, names, **options)
     # Non-trivial trainables (DePT's head starts as identity/zero, CoOp ctx small): perturb them.
     with torch.no_grad():
@@ -156,6 +159,37 @@ def test_training_on_precomputed_image_features_equals_step_by_step(clip, method
     # 14 images, batch 4: 3 steps per epoch; plain encodes 4 at a time, precompute 2 steps (8) then 1.
     assert plain_sizes == [4] * 6 and fast_sizes == [8, 4] * 2
     assert plain.steps == fast.steps == 6
+    assert fast.epoch_losses == pytest.approx(plain.epoch_losses, rel=1e-5, abs=1e-6)
+    assert plain_state.keys() == fast_state.keys()
+    for key in plain_state:
+        torch.testing.assert_close(fast_state[key], plain_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("method", ["promptsrc", "dept+promptsrc"])
+def test_training_on_batched_frozen_image_features_equals_step_by_step(clip, method, tmp_path):
+    """PromptSRC's frozen branch: the loop encodes the frozen image features of 2 steps' views in one
+    no-grad batch (feature_batch_size 8 / batch 4) instead of one extra encoder call per step."""
+    def fit_counting(out, precompute):
+        model = _model(clip, method, NAMES[:5], gpa=False)
+        cfg = load_config(None, [f"output_dir={out}", "train.epochs=2", "train.batch_size=4", "train.precision=fp32",
+                                 "train.device=cpu", "train.progress=false", "optim.lr=0.05", "optim.warmup_epochs=0",
+                                 "train.feature_batch_size=8", f"train.precompute_features={precompute}"])
+        inner = getattr(model, "base", model)
+        sizes = {"prompted": [], "frozen": []}
+        encode, frozen = inner.encode_images, inner.encode_frozen_images
+        inner.encode_images = lambda images: sizes["prompted"].append(images.shape[0]) or encode(images)
+        inner.encode_frozen_images = lambda images: sizes["frozen"].append(images.shape[0]) or frozen(images)
+        result = fit(model, _Source(14, 5), GpuAugment(clip.image_size, clip.mean, clip.std), cfg, out, seed=1)
+        del inner.encode_images, inner.encode_frozen_images
+        return result, {k: v.clone() for k, v in model.state_dict().items()}, sizes
+
+    from fastprompt.data import GpuAugment
+
+    plain, plain_state, plain_sizes = fit_counting(tmp_path / "plain", False)
+    fast, fast_state, fast_sizes = fit_counting(tmp_path / "fast", True)
+    # 14 images, batch 4: 3 steps per epoch; the prompted encoder runs per step either way.
+    assert plain_sizes == {"prompted": [4] * 6, "frozen": [4] * 6}
+    assert fast_sizes == {"prompted": [4] * 6, "frozen": [8, 4] * 2}
     assert fast.epoch_losses == pytest.approx(plain.epoch_losses, rel=1e-5, abs=1e-6)
     assert plain_state.keys() == fast_state.keys()
     for key in plain_state:
@@ -303,7 +337,7 @@ def test_fit_with_compile_matches_eager_and_new_classes_reuse_the_compiled_code(
     with torch.no_grad():
         models[True](images)  # evaluation runs the text trunk without grad: its own graph, once
         graphs = counters["stats"]["unique_graphs"]
-        for names in (NAMES[3:], ["x", "y"]):
+        for names in (NAMES[3:], ["x", "y"]):  # two one-token names (a name twice is refused)
             for m in models.values():
                 m.set_classnames(names)
             torch.testing.assert_close(models[True](images).logits, models[False](images).logits,

@@ -163,3 +163,92 @@ def test_misuse_is_refused(clip):
     with pytest.raises(ValueError, match="damaged GPA state"):
         fresh = GaussianPromptAggregation(2.5, 1.0, EPOCHS)
         fresh.load_state_dict({"meta": gpa.state_dict()["meta"], "tensors": {}})
+
+
+# --- the training loop (fit) with GPA: stopped by SIGTERM, resumed, the same aggregate --------------
+
+FIT_EPOCHS = 4
+
+
+class _Source:
+    """12 synthetic uint8 training images (3 steps of 4 per epoch), as TrainImageCache holds them."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.images = torch.randint(0, 256, (12, 3, 36, 36), generator=g, dtype=torch.uint8)
+        self.labels = torch.arange(12) % len(CLASSES)
+
+    def batch(self, indices):
+        return self.images[indices], self.labels[indices]
+
+
+def _fit(clip, out, *, resume=False):
+    from fastprompt.config import load_config
+    from fastprompt.data import GpuAugment
+    from fastprompt.training import fit
+
+    torch.manual_seed(0)
+    model = build_model("dept+promptsrc", clip, CLASSES, depth=2, vis_depth=2, gpa_mean=2.5, gpa_std=1.0)
+    # feature_batch_size 8: the frozen image features of 2 steps per no-grad batch.
+    cfg = load_config(None, [f"output_dir={out}", f"train.epochs={FIT_EPOCHS}", "train.batch_size=4",
+                             "train.precision=fp32", "train.device=cpu", "train.progress=false", "optim.lr=0.05",
+                             "train.feature_batch_size=8", "method.name=dept+promptsrc"])
+    fit(model, _Source(), GpuAugment(clip.image_size, clip.mean, clip.std), cfg, out, seed=1, resume=resume)
+    return model
+
+
+@pytest.mark.parametrize("stop_after_step, where", [(7, "inside epoch 3"), (6, "at the end of epoch 2")])
+def test_fit_stopped_by_sigterm_and_resumed_ends_with_the_same_aggregate(clip, tmp_path, monkeypatch, stop_after_step,
+                                                                         where):
+    import os
+    import signal
+
+    import fastprompt.training.loop as loop
+    from fastprompt.training import TrainingInterrupted
+
+    snapshots = []
+    accumulate = GaussianPromptAggregation.accumulate
+
+    def recording(self, state, epoch):
+        snapshots.append({k: v.detach().double().clone() for k, v in state.items()})
+        accumulate(self, state, epoch)
+
+    monkeypatch.setattr(GaussianPromptAggregation, "accumulate", recording)
+    straight = _fit(clip, tmp_path / "straight").state_dict()
+    monkeypatch.setattr(GaussianPromptAggregation, "accumulate", accumulate)
+    # fit leaves the Gaussian-weighted average of the epoch-end states in the model, not the last one.
+    w = gpa_weights(2.5, 1.0, FIT_EPOCHS)
+    assert len(snapshots) == FIT_EPOCHS
+    for name, value in straight.items():
+        want = sum(w[e] * snapshots[e][name] for e in range(FIT_EPOCHS))
+        torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-7, msg=name)
+        assert not torch.allclose(value.double(), snapshots[-1][name]), name
+
+    step = loop.train_step
+    calls = {"n": 0}
+
+    def step_then_sigterm(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == stop_after_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler asks for a stop at this step
+        return loss
+
+    monkeypatch.setattr(loop, "train_step", step_then_sigterm)
+    with pytest.raises(TrainingInterrupted):
+        _fit(clip, tmp_path / "stopped")
+    monkeypatch.setattr(loop, "train_step", step)
+    ckpt = load_checkpoint(tmp_path / "stopped" / "checkpoints")
+    assert ckpt.meta["step"] == stop_after_step and ckpt.meta["batch_in_epoch"] == stop_after_step % 3, where
+    assert ckpt.meta["gpa"]["epochs_done"] == 2  # the aggregate as it stood: epochs 1 and 2
+    assert {f"gpa.{k}" for k in straight} <= set(ckpt.trainer_tensors)
+
+    resumed = _fit(clip, tmp_path / "stopped", resume=True).state_dict()
+    assert set(resumed) == set(straight)
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+    # What fit leaves in the model is what its last checkpoint holds: the aggregate.
+    final = load_checkpoint(tmp_path / "stopped" / "checkpoints")
+    assert final.meta["gpa"]["epochs_done"] == FIT_EPOCHS
+    for name in straight:
+        assert torch.equal(final.model_state[name], straight[name]), name

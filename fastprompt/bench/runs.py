@@ -34,9 +34,8 @@ def whole_run(style: str, method: str, *, data_root: Path, out: Path, model: str
         overrides.append(f"train.text_chunk_size={text_chunk_size}")
     if feature_cache_dir is not None:
         overrides.append(f"data.cache_dir={feature_cache_dir}")
-    if "maple" in method or "dpl" in method:  # prompt depth clipped to the model's layers
-        for key, value in method_options(method, load_clip(model, None)).items():
-            overrides.append(f"method.options.{key}={value}")
+    # Prompt depths clipped to the model's layers (MaPLe, DPL, IVLP, PromptSRC).
+    overrides += [f"method.options.{key}={value}" for key, value in method_options(method, load_clip(model, None)).items()]
     session = OfficialSession if style == "official" else Session
     run = run_protocol(load_config(None, overrides), say=silent, session=session)["runs"][0]
     sync(device)

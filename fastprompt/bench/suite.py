@@ -55,6 +55,7 @@ class BenchOptions:
     classes: Optional[list[int]] = None
     styles: list[str] = field(default_factory=lambda: list(STYLES))
     steps: Optional[int] = None
+    repeats: Optional[int] = None  # measured passes per configuration (the median is reported)
     compile: bool = False
     cuda_graphs: bool = False
     text_chunk_size: Optional[int] = None
@@ -89,6 +90,7 @@ def run_bench(opts: BenchOptions) -> Path:
     methods = opts.methods or list(grid["methods"])
     batches, classes = opts.batches or list(grid["batches"]), opts.classes or list(grid["classes"])
     steps = opts.steps or grid["steps"]
+    repeats = opts.repeats or grid["repeats"]
     chunk = opts.text_chunk_size if opts.text_chunk_size is not None else grid["text_chunk_size"]
     bad = [m for m in methods if m not in METHOD_NAMES]
     if bad:
@@ -100,7 +102,7 @@ def run_bench(opts: BenchOptions) -> Path:
               "batches": batches, "classes": classes, "styles": opts.styles, "steps": steps, "warmup": grid["warmup"],
               "feature_batch": grid["feature_batch"], "text_chunk_size": chunk, "compile": opts.compile,
               "cuda_graphs": opts.cuda_graphs,
-              "num_workers": grid["num_workers"], "image_size": None, "repeats": grid["repeats"],
+              "num_workers": grid["num_workers"], "image_size": None, "repeats": repeats,
               "statistic": "median over `repeats` passes of each pass's mean step time"}
     results = {"benchmark": "train", "environment": environment(device, matmul), "config": config, "steps": []}
     torch.manual_seed(0)
@@ -125,7 +127,7 @@ def run_bench(opts: BenchOptions) -> Path:
                                       warmup=grid["warmup"], feature_batch=grid["feature_batch"],
                                       text_chunk_size=chunk, compile=opts.compile, cuda_graphs=opts.cuda_graphs,
                                       num_workers=grid["num_workers"], flops=flops, peak_rate=matmul["flops_per_s"],
-                                      repeats=grid["repeats"])
+                                      repeats=repeats)
                         flops = rec.get("model_flops_per_step", flops)
                         results["steps"].append(rec)
                         print(one_line(rec), flush=True)

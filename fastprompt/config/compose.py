@@ -9,8 +9,19 @@ The layers ship inside the package (fastprompt/config/layers/), so composing wor
     methods/<base>.yaml     what a base method changes from the defaults (CoCoOp: batch 1, lr 0.002)
     methods/dept.yaml       what DePT adds to any base method
 
-A layer file's leading `#` lines describe it (they head the published configs). The dataset layer
-is `data.dataset` itself: the published settings are the same for every dataset.
+A layer file's leading `#` lines describe it (they head the published configs). A method whose
+published settings differ by protocol, or by dataset within a protocol (PromptSRC: 50 epochs for
+few-shot, GPA per dataset), says so in its layer:
+
+    per_protocol:
+      few_shot:                  # replaces the keys it names when composing for few_shot
+        train: {epochs: 50}
+        per_dataset:
+          dtd: {method: {options: {gpa_mean: 45.0, gpa_std: 5.0}}}
+
+The dataset these follow is the run's final `data.dataset` (an override `data.dataset=dtd` picks
+dtd's settings, as `--dataset dtd` does). For every other method the dataset layer is
+`data.dataset` itself.
 """
 from __future__ import annotations
 
@@ -25,10 +36,11 @@ from ..errors import ConfigError
 from .schema import Config, apply_overrides, config_from_dict
 
 __all__ = ["LAYERS_DIR", "protocol_names", "method_names", "split_method", "layer_data", "layer_description",
-           "composed_data", "compose_config"]
+           "method_layer", "dataset_settings", "composed_data", "compose_config"]
 
 LAYERS_DIR = Path(__file__).parent / "layers"
 DEPT = "dept"
+PER_PROTOCOL, PER_DATASET = "per_protocol", "per_dataset"
 
 
 def _names(kind: str) -> list[str]:
@@ -94,15 +106,59 @@ def _merge(into: dict, layer: dict) -> dict:
     return into
 
 
-def composed_data(protocol: str, method: str, dataset: Optional[str] = None) -> dict:
-    """The nested mapping the layers set (before overrides); keys the layers leave alone keep the
-    defaults of fastprompt.config.Config."""
-    data = copy.deepcopy(layer_data("protocols", protocol))
-    for name in split_method(method):
-        _merge(data, layer_data("methods", name))
-    _merge(data, {"method": {"name": method}})
-    if dataset is not None:
-        _merge(data, {"data": {"dataset": dataset}})
+def _sections(where: str, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"layer {where}: expected a mapping of names to mappings of sections")
+    return value
+
+
+def _per_protocol(name: str) -> dict:
+    """The method layer's `per_protocol` table, its protocol names checked."""
+    table = _sections(f"methods/{name}.yaml {PER_PROTOCOL}", layer_data("methods", name).get(PER_PROTOCOL))
+    unknown = sorted(set(table) - set(protocol_names()))
+    if unknown:
+        raise ConfigError(f"layer methods/{name}.yaml: {PER_PROTOCOL} names unknown protocol(s) {unknown} "
+                          f"(known: {', '.join(protocol_names())})")
+    return table
+
+
+def dataset_settings(name: str, protocol: str) -> dict:
+    """What method layer `name` sets per dataset under `protocol`: {dataset: sections} ({} when
+    its settings are the same for every dataset)."""
+    table = _per_protocol(name).get(protocol, {})
+    return _sections(f"methods/{name}.yaml {PER_PROTOCOL}.{protocol}.{PER_DATASET}", table.get(PER_DATASET))
+
+
+def method_layer(name: str, protocol: str, dataset: Optional[str]) -> dict:
+    """The settings of method layer `name` for `protocol` and `dataset`: its plain sections, then
+    its `per_protocol` entry for the protocol, then that entry's `per_dataset` entry for the dataset."""
+    data = {k: v for k, v in layer_data("methods", name).items() if k != PER_PROTOCOL}
+    for_protocol = dict(_per_protocol(name).get(protocol, {}))
+    for_dataset = dataset_settings(name, protocol).get(str(dataset), {})
+    for_protocol.pop(PER_DATASET, None)
+    return _merge(_merge(data, for_protocol), for_dataset)
+
+
+def composed_data(protocol: str, method: str, dataset: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+    """The nested mapping the layers set, then `overrides`; keys the layers leave alone keep the
+    defaults of fastprompt.config.Config. The method layers follow the final data.dataset: the one
+    an override sets, else `dataset`, else the protocol's."""
+    def compose(chosen: Optional[str]) -> dict:
+        data = copy.deepcopy(layer_data("protocols", protocol))
+        for name in split_method(method):
+            _merge(data, method_layer(name, protocol, chosen))
+        _merge(data, {"method": {"name": method}})
+        if dataset is not None:
+            _merge(data, {"data": {"dataset": dataset}})
+        return apply_overrides(data, list(overrides))
+
+    chosen = dataset if dataset is not None else layer_data("protocols", protocol).get("data", {}).get("dataset")
+    data = compose(chosen)
+    final = data.get("data", {}).get("dataset")
+    if final is not None and str(final) != str(chosen):  # an override chose the dataset: its settings apply
+        data = compose(str(final))
     return data
 
 
@@ -110,4 +166,4 @@ def compose_config(protocol: str = "base2new", method: str = "dept+coop", *, dat
                    overrides: Sequence[str] = ()) -> Config:
     """The config of `method` under `protocol` (on `dataset`, when given), then `overrides`
     (`key.sub=value`, as on the command line), checked like a config file."""
-    return config_from_dict(apply_overrides(composed_data(protocol, method, dataset), list(overrides)))
+    return config_from_dict(composed_data(protocol, method, dataset, overrides))

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .compose import composed_data, layer_data, layer_description, method_names, split_method
-from .schema import Config, apply_overrides, config_from_dict, config_to_dict
+from .compose import composed_data, dataset_settings, layer_data, layer_description, method_names, split_method
+from .schema import Config, config_from_dict, config_to_dict
 
 __all__ = ["PUBLISHED_PROTOCOLS", "published_path", "published_text", "write_published"]
 
@@ -70,6 +70,13 @@ def _header(cfg: Config, protocol: str, method: str, dataset: Optional[str], ove
     still = [a for a in ("data.root=/path/to/data", None if dataset or targets else "data.dataset=<name>")
              if a and a.split("=")[0] not in given]
     rest = "".join(f" {a}" for a in still)
+    per_dataset = _per_dataset_lines(protocol, method)
+    if per_dataset and not (dataset or "data.dataset" in given):
+        # A file keeps the settings of the dataset it was written for: name it, and say what composing sets.
+        file_rest = "".join(f" {a}" for a in still if not a.startswith("data.dataset="))
+        file_line = f"#  or, for {cfg.data.dataset} only: fastprompt train {file}{file_rest}"
+    else:
+        file_line = f"#  or: fastprompt train {file}{rest}"
     return [
         f"# {method}, {layer_description('protocols', protocol)}",
         f"# {'; '.join(described)}.",
@@ -78,15 +85,41 @@ def _header(cfg: Config, protocol: str, method: str, dataset: Optional[str], ove
         f"#   {optim_line}",
         f"# Run: fastprompt train --protocol {protocol} --method {method}"
         + (f" --dataset {dataset}" if dataset else "") + "".join(f" {o}" for o in overrides) + rest,
-        f"#  or: fastprompt train {file}{rest}",
+        file_line,
+        *per_dataset,
     ]
+
+
+def _dotted(sections: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """{"train": {"epochs": 50}} -> [("train.epochs", 50)]; `options` mappings stay whole."""
+    out = []
+    for key, value in sections.items():
+        if isinstance(value, dict) and key != "options":
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _per_dataset_lines(protocol: str, method: str) -> list[str]:
+    """What the method's layers set per dataset under `protocol` (datasets with the same settings on one line)."""
+    groups: dict[str, list[str]] = {}
+    for name in split_method(method):
+        for dataset, sections in dataset_settings(name, protocol).items():
+            settings = " ".join(f"{key}={_flow(value)}" for key, value in _dotted(sections))
+            groups.setdefault(settings, []).append(dataset)
+    if not groups:
+        return []
+    return ["# The settings depend on the dataset: composing (--dataset, or data.dataset= as above) sets for",
+            *(f"#   {', '.join(datasets)}: {settings}" for settings, datasets in groups.items()),
+            "# and the protocol's settings for every other dataset; a config file keeps the ones it holds."]
 
 
 def published_text(protocol: str, method: str, *, dataset: Optional[str] = None, overrides: Sequence[str] = (),
                    file: str = "CONFIG.yaml") -> str:
     """The YAML of `method` under `protocol` (and `dataset`, `overrides`), with a header that says
     what it is and how to run it; loading it gives compose_config(protocol, method, ...)."""
-    data = apply_overrides(composed_data(protocol, method, dataset), list(overrides))
+    data = composed_data(protocol, method, dataset, overrides)
     cfg = config_from_dict(data)
     full = config_to_dict(cfg)
     lines = _header(cfg, protocol, method, dataset, overrides, file)

@@ -97,9 +97,10 @@ class TrainConfig:
     eval_batch_size: int = 100
     num_workers: int = 4
     progress: bool = True  # tqdm bars with images/s and ETA
-    # Exact speed-ups (fastprompt.features): methods with an unprompted image encoder encode each
-    # epoch's augmented views in no-grad batches of about feature_batch_size images, and cache
-    # test-image features on disk (<data.cache_dir or output_dir>/features) across epochs, seeds, methods.
+    # Exact speed-ups (fastprompt.training.step_forward): methods with an unprompted image encoder
+    # encode each epoch's augmented views in no-grad batches of about feature_batch_size images (and
+    # cache test-image features on disk, <data.cache_dir or output_dir>/features, across epochs, seeds,
+    # methods); PromptSRC encodes its frozen-branch image features of the views in such batches.
     precompute_features: bool = True
     feature_batch_size: int = 256
     feature_cache: bool = True

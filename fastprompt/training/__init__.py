@@ -9,11 +9,11 @@ from .optim import build_optimizer, epoch_lr, set_epoch_lr
 from .precision import PRECISION_DTYPES, Precision, autocast_context
 from .run_log import RunLogger, progress_bar
 from .signals import StopSignals, TrainingInterrupted
-from .step import PHASES, no_phase, train_step
+from .step import PHASES, no_phase, step_forward, train_step
 
 __all__ = [
     "BatchSource", "EpochBatches", "FeatureEncoding", "steps_per_epoch", "epoch_generator", "resolve_device",
     "seed_everything", "TrainResult", "fit", "build_optimizer", "epoch_lr", "set_epoch_lr", "PRECISION_DTYPES",
     "Precision", "autocast_context", "RunLogger", "progress_bar", "StopSignals", "TrainingInterrupted", "PHASES",
-    "no_phase", "train_step",
+    "no_phase", "step_forward", "train_step",
 ]

@@ -22,7 +22,7 @@ from .. import distributed
 from ..checkpoint import latest_checkpoint_dir
 from ..compiled import compile_encoders
 from ..config import Config, config_to_dict
-from ..fast_paths import uses_image_features
+from ..methods.gpa import GaussianPromptAggregation
 from ..run_folder import checkpoints_dir
 from .batches import BatchSource, EpochBatches, FeatureEncoding, steps_per_epoch
 from .device import epoch_generator, resolve_device
@@ -32,7 +32,7 @@ from .precision import Precision
 from .run_log import RunLogger, progress_bar
 from .signals import StopSignals
 from .state import CheckpointWriter, ResumePoint, resume_point
-from .step import train_step
+from .step import step_forward, train_step
 
 __all__ = ["TrainResult", "fit"]
 
@@ -78,15 +78,20 @@ def fit(
         precision = Precision(tcfg.precision, device)
         part = distributed.local_slice(bs)  # this rank's share of each global batch (all of it in one process)
         forward, features = _forward_and_features(model, cfg, device, precision, bs)
+        # PromptSRC's Gaussian prompt aggregation (None for other methods): a weighted sum of every
+        # epoch's end state, whose result replaces the weights after the last epoch.
+        gpa = GaussianPromptAggregation.for_model(model, tcfg.epochs)
         config, ckpt_root = config_to_dict(cfg), checkpoints_dir(run_dir)
-        at = (resume_point(ckpt_root, model, optimizer, precision, config) if resume else None) or ResumePoint()
+        at = (resume_point(ckpt_root, model, optimizer, precision, config, gpa) if resume else None) or ResumePoint()
         if at.path is not None:
             log.info(f"resumed from {at.path} at epoch {at.epoch}, step {at.step}")
         log.info(f"training {sum(p.numel() for p in trainable):,} parameters on {num_samples} images: "
                  f"{tcfg.epochs} epochs x {per_epoch} steps, batch {bs}"
                  + (f" ({part.stop - part.start} per process x {distributed.world_size()})"
                     if distributed.is_distributed() else "") + f", {tcfg.precision}, device {device}")
-        save = CheckpointWriter(ckpt_root, model, optimizer, precision, config, seed)
+        if gpa is not None:
+            log.info(f"Gaussian prompt aggregation: mean {gpa.mean:g}, std {gpa.std:g} over {tcfg.epochs} epochs")
+        save = CheckpointWriter(ckpt_root, model, optimizer, precision, config, seed, gpa)
         progress = progress_bar(tcfg.progress, total=per_epoch * tcfg.epochs * bs, initial=at.step * bs,
                                 desc=f"train seed {seed}")
         model.train()
@@ -131,6 +136,8 @@ def fit(
                 epoch_loss, skipped = tally.epoch_loss(per_epoch, epoch=epoch)
                 epoch_losses.append(epoch_loss)
                 _log_epoch(log, optimizer, epoch_loss, skipped, seed=seed, epoch=epoch, epochs=tcfg.epochs, step=step)
+                if gpa is not None:
+                    _aggregate(gpa, model, epoch + 1, log)
                 stopping = distributed.any_rank(stop.requested is not None)
                 if (epoch + 1) % tcfg.checkpoint_every == 0 or epoch + 1 == tcfg.epochs or stopping:
                     last_path = save(epoch + 1, step, epoch_losses)
@@ -146,6 +153,16 @@ def fit(
                        resumed_from_step=at.step, checkpoint=str(last_path) if last_path else None)
 
 
+def _aggregate(gpa: GaussianPromptAggregation, model: nn.Module, epoch: int, log: RunLogger) -> None:
+    """Add the state after 1-based `epoch`'s last step; after the last epoch load the aggregate, so
+    that the checkpoint written next (model.safetensors) holds what is evaluated."""
+    gpa.accumulate(model.state_dict(), epoch)
+    if gpa.complete:
+        gpa.apply(model)
+        log.info(f"Gaussian prompt aggregation: the weights are now the average over {gpa.epochs} epochs "
+                 f"(epoch weights peak {max(gpa.weights):.3f} at epoch {gpa.weights.index(max(gpa.weights)) + 1})")
+
+
 def _master_weights(model: nn.Module) -> list[torch.Tensor]:
     """What trains, in fp32 whatever the frozen backbone's dtype."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -159,16 +176,17 @@ def _forward_and_features(model: nn.Module, cfg: Config, device: torch.device, p
                           batch: int) -> tuple[Callable, Optional[FeatureEncoding]]:
     """The step's forward: DDP over the trainables (state_dict()/parameters stay on `model`), the
     encoders' trunks compiled on request (class-dependent sizes dynamic: no recompiles base -> new).
-    Unprompted image encoders (CoOp, CoCoOp, KgCoOp, +DePT) step on precomputed image features (same
-    views, same result); DDP syncs gradients through the wrapper's forward only, so distributed runs
-    keep the plain path."""
+    With train.precompute_features, image features that need no gradient are encoded for many steps
+    in one no-grad batch (same views, same result; `step_forward`): an unprompted image encoder's
+    (CoOp, CoCoOp, KgCoOp, +DePT; those steps bypass the wrapper, so distributed runs keep the
+    plain path) and PromptSRC's frozen-branch features (through the wrapper, distributed too)."""
     wrapped = distributed.wrap_ddp(model, device)
     if cfg.train.compile:
         compile_encoders(model)
-    if not (cfg.train.precompute_features and uses_image_features(model) and not distributed.is_distributed()):
-        return wrapped, None
-    chunk = max(1, cfg.train.feature_batch_size // batch)
-    return model.forward_features, FeatureEncoding(model.encode_images, chunk, precision.autocast)
+    precompute = cfg.train.precompute_features
+    return step_forward(model, wrapped, steps_per_chunk=max(1, cfg.train.feature_batch_size // batch),
+                        autocast=precision.autocast, image_features=precompute and not distributed.is_distributed(),
+                        frozen_image_features=precompute)
 
 
 @contextmanager

@@ -63,6 +63,32 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, digits_root, fast):
     assert state["world_size"] == 2
 
 
+def test_torchrun_promptsrc_frozen_branch_and_aggregation_equal_one_process(tmp_path, digits_root, fast):
+    """DePT + PromptSRC under DDP: each process encodes the frozen image features of its half of the
+    views in no-grad batches, steps through the DDP wrapper with them, and every rank aggregates the
+    epochs (GPA); the saved aggregate equals one process's."""
+    from fastprompt.protocols import run_protocol
+
+    from fastprompt.config import compose_config
+
+    overrides = [*fast, f"data.root={digits_root}", "data.shots=4", "train.batch_size=4", "method.options.depth=2", "method.options.vis_depth=2", "method.options.gpa_mean=2",
+                 "method.options.gpa_std=1", "train.feature_batch_size=8"]
+    single = tmp_path / "single"
+    run_protocol(compose_config("base2new", "dept+promptsrc", overrides=[*overrides, f"output_dir={single}"]),
+                 say=lambda m: None)
+    ddp = tmp_path / "ddp"
+    proc = _torchrun(2, "train", "--method", "dept+promptsrc", *overrides, f"output_dir={ddp}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    want, got = _weights(single), _weights(ddp)
+    assert set(want) == set(got) and {"classifier.weight", "base.vision_prompts.tokens.1"} <= set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
+    a = json.loads((single / "results.json").read_text())["runs"][0]["train"]["epoch_losses"]
+    b = json.loads((ddp / "results.json").read_text())["runs"][0]["train"]["epoch_losses"]
+    assert b == pytest.approx(a, abs=1e-5)
+    assert "the weights are now the average over 3 epochs" in (ddp / "seed1" / "train.log").read_text()
+
+
 def test_torchrun_refuses_a_batch_that_does_not_split(tmp_path, digits_root, fast):
     proc = _torchrun(2, "train", str(REPO / "configs" / "demo.yaml"), *fast, f"data.root={digits_root}",
                      "data.shots=4", "train.batch_size=5", f"output_dir={tmp_path / 'odd'}")

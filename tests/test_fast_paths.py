@@ -303,7 +303,7 @@ def test_fit_with_compile_matches_eager_and_new_classes_reuse_the_compiled_code(
     with torch.no_grad():
         models[True](images)  # evaluation runs the text trunk without grad: its own graph, once
         graphs = counters["stats"]["unique_graphs"]
-        for names in (NAMES[3:], ["x"] * 2):
+        for names in (NAMES[3:], ["x", "y"]):
             for m in models.values():
                 m.set_classnames(names)
             torch.testing.assert_close(models[True](images).logits, models[False](images).logits,

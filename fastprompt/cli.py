@@ -352,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nfastprompt {args.command}: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        again = ("rerun the same command with --resume to continue from the last checkpoint"
+                 if args.command in ("train", "sweep") else "nothing was lost; rerun the command")
+        print(f"\ninterrupted; {again}", file=sys.stderr)
         return 130
     finally:
         distributed.teardown()

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-
 from . import distributed
 from .config import Config, ConfigError, compose_config, load_config, read_yaml
 from .protocols import run_protocol, silent

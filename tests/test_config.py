@@ -310,3 +310,12 @@ def test_every_range_bound_is_accepted():
             cfg = load_config(None, [f"{key}={value}"])
             section, name = key.split(".")
             assert getattr(getattr(cfg, section), name) == value, key
+
+
+def test_invalid_yaml_is_one_line_with_where_and_why(tmp_path):
+    path = tmp_path / "tabs.yaml"
+    path.write_text("train:\n\tepochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: not valid YAML at line 2, column 1: found character '\\t' that cannot start "
+                              "any token (YAML indents with spaces, not tabs)")

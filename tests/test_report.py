@@ -72,7 +72,8 @@ def test_runs_with_different_settings_are_labelled_and_averaged_apart(tmp_path):
     md, _ = write_report(_write(tmp_path, runs), tmp_path / "out")
     text = md.read_text()
     assert "| method | dataset | setting | Base | New | HM | train images/s |" in text
-    assert "| coop | dtd | data.shots=1 | 80.00 | 60.00 |" in text and "| coop | dtd | data.shots=16 | 70.00 | 50.00 |" in text
+    assert "| coop | dtd | data.shots=1 | 80.00 | 60.00 |" in text
+    assert "| coop | dtd | data.shots=16 | 70.00 | 50.00 |" in text
     # one average per setting, never over both shot counts
     assert "| **coop** | **average of 2** | data.shots=1 | 85.00 | 65.00 |" in text
     assert "| **coop** | **average of 2** | data.shots=16 | 65.00 | 45.00 |" in text
@@ -99,7 +100,8 @@ def test_the_same_run_twice_is_refused(tmp_path):
     trees = [_with_config(_b2n("coop", "imagefolder", 80.0, 60.0), **{"data.root": f"/data/{name}"})
              for name in ("birds", "cars")]
     text = markdown_table(load_results(_write(tmp_path / "trees", trees)))
-    assert "| coop | imagefolder | data.root=/data/birds |" in text and "| coop | imagefolder | data.root=/data/cars |" in text
+    assert "| coop | imagefolder | data.root=/data/birds |" in text
+    assert "| coop | imagefolder | data.root=/data/cars |" in text
 
 
 def test_warnings_are_listed_under_the_table(tmp_path):

@@ -136,7 +136,8 @@ def test_without_flock_the_record_is_the_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "_VERIFY_S", 0.01)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / LOCK_FILE).write_text(json.dumps(_record(pid=live.pid, pid_start=run_lock._process_start(live.pid))))
+        record = _record(pid=live.pid, pid_start=run_lock._process_start(live.pid))
+        (tmp_path / LOCK_FILE).write_text(json.dumps(record))
         for shared in (False, True):
             with pytest.raises(RunFolderInUseError, match=f"PID {live.pid} on host"):
                 with RunFolder(tmp_path).locked("x", shared=shared):

@@ -8,6 +8,7 @@ from .schema import (Config, DataConfig, MethodConfig, ModelConfig, OptimConfig,
 
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "MethodConfig", "DataConfig", "OptimConfig", "TrainConfig",
-    "ProtocolConfig", "load_config", "read_yaml", "config_from_dict", "config_to_dict", "apply_overrides", "save_config",
+    "ProtocolConfig", "load_config", "read_yaml",
+    "config_from_dict", "config_to_dict", "apply_overrides", "save_config",
     "check_method_options", "compose_config", "method_names", "protocol_names",
 ]

@@ -154,6 +154,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # .nan, .inf: a number for no key
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:
@@ -383,7 +385,16 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
             _duplicate_keys(node, "", path)
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_where(exc)}") from None
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """' at line L, column C: what' for a YAML error, on one line."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return ": " + " ".join(str(exc).split())
+    hint = " (YAML indents with spaces, not tabs)" if "\\t" in problem or "\t" in problem else ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{hint}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

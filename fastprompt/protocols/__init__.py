@@ -13,8 +13,8 @@ from .few_shot import run_few_shot, run_train_eval
 from .session import Say, Session, check_data_root, silent
 from .transfer import run_transfer, set_target_classes
 
-__all__ = ["PROTOCOLS", "run_protocol", "Session", "Say", "silent", "check_data_root", "run_base2new", "run_transfer", "run_few_shot",
-           "run_train_eval", "set_target_classes"]
+__all__ = ["PROTOCOLS", "run_protocol", "Session", "Say", "silent", "check_data_root", "run_base2new", "run_transfer",
+           "run_few_shot", "run_train_eval", "set_target_classes"]
 
 PROTOCOLS: dict[str, Callable[[Session], dict]] = {
     "base2new": run_base2new,

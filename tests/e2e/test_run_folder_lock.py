@@ -87,8 +87,8 @@ def test_overwrite_and_eval_while_another_process_trains_are_refused_naming_it(t
         os.kill(holder.pid, signal.SIGCONT)
     stdout, stderr = holder.communicate(timeout=300)
     assert holder.returncode == 0, stderr[-3000:]
-    message = f"run folder {out} is in use by PID {holder.pid} on host {socket.gethostname()} since {record['since']} " \
-              "(fastprompt train)"
+    message = (f"run folder {out} is in use by PID {holder.pid} on host {socket.gethostname()} since "
+               f"{record['since']} (fastprompt train)")
     for refused in (overwrite, evaluate, resume):
         assert message in _one_error_line(refused)
     if ranks is not None:  # under torchrun rank 0 takes the lock and every rank stops with its message

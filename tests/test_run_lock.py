@@ -77,13 +77,16 @@ def test_shared_holders_exclude_exclusive_ones_not_each_other(tmp_path):
         with RunFolder(tmp_path).locked("another resume", shared=True):
             with RunFolder(tmp_path).seed_locked(seed, "fastprompt train"):
                 pass
-        # An exclusive command names what the shared holders work on (here: this process's seed lock).
-        with RunFolder(tmp_path).seed_locked(seed, "fastprompt train"):
-            probe = subprocess.run([sys.executable, "-c", "import sys\nfrom fastprompt.run_folder import RunFolder\n"
-                                    "with RunFolder(sys.argv[1]).locked('x'): pass", str(tmp_path)],
-                                   capture_output=True, text=True)
-        assert probe.returncode != 0
-        assert f"PID {os.getpid()} on host {socket.gethostname()}" in probe.stderr and str(seed) in probe.stderr
+        # An exclusive command names what the shared holders work on (here: a seed lock of this process).
+        seed_lock = RunLock(seed, "fastprompt train")
+        seed_lock.acquire()
+        try:
+            with pytest.raises(RunFolderInUseError) as err:
+                RunLock(tmp_path, "fastprompt train --overwrite").acquire()
+        finally:
+            seed_lock.release()
+        assert f"is in use by PID {os.getpid()} on host {socket.gethostname()}" in str(err.value)
+        assert f"(fastprompt train) in {seed}" in str(err.value)
     finally:
         holder.release()
 

@@ -33,7 +33,8 @@ def run_protocol(cfg: Config, *, resume: bool = False, train: bool = True, say: 
     that holds it already, fastprompt.train or a sweep, keeps holding it)."""
     command = "fastprompt train" if train else "fastprompt eval"
     with RunFolder(cfg.output_dir).locked(command, shared=train and resume, say=say):
-        check_data_root(cfg)  # a wrong data.root is said before the backbone (a weights download), not after it
+        session.method_options_of(cfg)  # the config's own mistakes first,
+        check_data_root(cfg)  # then a wrong data.root: before the backbone (a weights download), not after it
         opened = session.open(cfg, resume=resume, train=train, say=say)
         start = time.perf_counter()
         results = PROTOCOLS[cfg.protocol.name](opened)

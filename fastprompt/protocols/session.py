@@ -87,8 +87,7 @@ class Session:
 
     @classmethod
     def open(cls, cfg: Config, *, resume: bool = False, train: bool = True, say: Say = print) -> "Session":
-        options = check_method_options(cfg, METHOD_NAMES, method_defaults(cfg.method.name)
-                                       if cfg.method.name in METHOD_NAMES else {})
+        options = cls.method_options_of(cfg)
         device = resolve_device(cfg.train.device)
         if not distributed.is_main():
             say = silent  # rank 0 reports for everyone
@@ -101,6 +100,12 @@ class Session:
         if train:
             session.warn(setting_warnings(cfg))
         return session
+
+    @staticmethod
+    def method_options_of(cfg: Config) -> dict:
+        """cfg's method name and options, checked against the method's defaults (ConfigError)."""
+        return check_method_options(cfg, METHOD_NAMES, method_defaults(cfg.method.name)
+                                    if cfg.method.name in METHOD_NAMES else {})
 
     def warn(self, warnings: list[str], *, logged: bool = False) -> None:
         """Keep `warnings` (once each) for the seeds' train.log and results.json; say the new ones

@@ -15,7 +15,10 @@ import copy
 import time
 from pathlib import Path
 
+from .atomic_io import writing
 from .config import Config, config_from_dict, apply_overrides
+from .errors import RunFolderError
+from .run_folder import CHECKPOINTS, REPORT_FILES, RESULTS_FILE, RunFolder
 
 __all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "FAST_OVERRIDES", "FAST_METHODS", "SMOKE_SETTINGS", "demo_config",
            "smoke_config", "run_demo", "run_smoke"]
@@ -98,33 +101,69 @@ def _single_thread_on_cpu(cfg: Config) -> None:
         torch.set_num_threads(1)
 
 
+def _runs_under(out: Path) -> set[Path]:
+    """The run folders at or below `out` that hold a run (results.json, or a seed's checkpoint)."""
+    return ({p.parent for p in out.glob(f"**/{RESULTS_FILE}")}
+            | {p.parent.parent.parent for p in out.glob(f"**/{CHECKPOINTS}/latest")})
+
+
+def _is_demo_run(folder: Path, out: Path, data_root: str) -> bool:
+    """A method folder an earlier demo wrote: <out>/<method> recorded with the demo's data root."""
+    recorded = RunFolder(folder).recorded_config() if folder.parent == out else None
+    return (recorded is not None and recorded["data"]["root"] == data_root
+            and folder.name == _folder(recorded["method"]["name"]))
+
+
 def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fast: bool = False,
              methods: tuple[str, ...] | None = None, say=print) -> list[dict]:
-    """Every method of the demo on the world's base-to-new task; returns their results."""
+    """Every method of the demo on the world's base-to-new task; returns their results. The demo's
+    folder holds one run folder per method; an earlier demo there is replaced, any other run refused."""
+    start = time.perf_counter()
+    methods = tuple(methods or (FAST_METHODS if fast else DEMO_METHODS))
+    configs = [demo_config(output_dir, overrides, fast, m) for m in methods]
+    _single_thread_on_cpu(configs[0])
+    out = Path(configs[0].output_dir).parent
+    folder = RunFolder(out)
+
+    def only_a_demo_is_replaced() -> None:  # under the folder's lock
+        others = sorted(f for f in _runs_under(out) if not _is_demo_run(f, out, configs[0].data.root))
+        if others:
+            raise RunFolderError(f"{out} holds a run that is not a demo's ({others[0]}); the demo would replace it: "
+                                 "choose another --output-dir")
+        for cfg in configs:
+            RunFolder(cfg.output_dir).clear_run()
+        with writing(out):
+            for name in REPORT_FILES:
+                (out / name).unlink(missing_ok=True)
+
+    with folder.locked("fastprompt demo", check=only_a_demo_is_replaced, say=say):
+        return _demo(configs, out, start, say)
+
+
+def _demo(configs: list[Config], out: Path, start: float, say) -> list[dict]:
+    from .clip import load_clip
     from .data import load_dataset
-    from .evaluate import run_protocol
+    from .protocols import run_protocol
     from .report import draw_chart, markdown_table
     from .world.baselines import baseline_results
     from .world.catalog import dataset_names
     from .world.tasks import get_task
 
-    start = time.perf_counter()
-    methods = tuple(methods or (FAST_METHODS if fast else DEMO_METHODS))
-    configs = [demo_config(output_dir, overrides, fast, m) for m in methods]
     first = configs[0]
-    _single_thread_on_cpu(first)
-    out = Path(first.output_dir).parent
+    methods = [cfg.method.name for cfg in configs]
     task_name, domain = dataset_names()[first.data.dataset]
     task = get_task(task_name)
     n_base = (len(task.classes) + 1) // 2
     say("fastprompt demo: base-to-new prompt tuning on a rendered world, end to end on this machine\n")
-    splits = load_dataset(first.data.dataset, first.data.root)
+    with writing(first.data.root):
+        splits = load_dataset(first.data.dataset, first.data.root)
     say(f"data:  {first.data.dataset}: {task.description}; the '{domain}' domain (fastprompt/world),")
     say(f"       {len(splits.train) + len(splits.val) + len(splits.test):,} rendered images in {first.data.root}/world/{domain}; "
         f"{n_base} base classes (trained on, {first.data.shots} shots each), {len(task.classes) - n_base} new (never seen)")
     if first.model.pretrained == DEMO_SETTINGS["model"]["pretrained"]:
-        say(f"model: {first.model.name} with the weights shipped in the package ('{first.model.pretrained}'): a 7.6M-"
-            "parameter CLIP pretrained on this world (fastprompt world pretrain); nothing downloaded")
+        size = sum(p.numel() for p in load_clip(first.model.name, first.model.pretrained).model.parameters())
+        say(f"model: {first.model.name} with the weights shipped in the package ('{first.model.pretrained}'): a "
+            f"{size / 1e6:.1f}M-parameter CLIP pretrained on this world (fastprompt world pretrain); nothing downloaded")
     else:
         say(f"model: {first.model.name}, weights: {first.model.pretrained or 'random init'}")
     say(f"runs:  {', '.join(methods)}; {first.train.epochs} epochs, batch {first.train.batch_size}, "
@@ -133,9 +172,10 @@ def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fa
     for cfg in configs:
         say(f"{cfg.method.name}:")
         results.append(run_protocol(cfg, say=lambda m: say("  " + m)))
-    reference = baseline_results(task, first.data.dataset, first.model.name)
+    reference = baseline_results(task, results[0])
     table = markdown_table([*results, *reference])
-    (out / "report.md").write_text(table + "\n![chart](chart.png)\n")
+    with writing(out / "report.md"):
+        (out / "report.md").write_text(table + "\n![chart](chart.png)\n")
     chart = draw_chart([*results, *reference], out / "chart.png")
     wall = time.perf_counter() - start
 
@@ -157,23 +197,38 @@ def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fa
 
 def run_smoke(output_dir: str | Path | None = None, overrides: list[str] = (), say=print) -> dict:
     """DePT + CoOp on bundled digits with a random CLIP: checks the pipeline, says nothing about methods."""
-    from .data import write_digits_imagefolder
-    from .evaluate import run_protocol
-    from .report import markdown_table, write_report
-
     start = time.perf_counter()
     cfg = smoke_config(output_dir, overrides)
     _single_thread_on_cpu(cfg)
     out = Path(cfg.output_dir)
+    folder = RunFolder(out)
+
+    def only_a_demo_is_replaced() -> None:  # under the folder's lock
+        earlier, recorded = folder.earlier_run(), folder.recorded_config()
+        if earlier is not None and (recorded is None or recorded["data"]["root"] != cfg.data.root):
+            raise RunFolderError(f"{out} holds a run that is not a demo's ({earlier}); the demo would replace it: "
+                                 "choose another --output-dir")
+        folder.clear_run()
+
+    with folder.locked("fastprompt demo --smoke", check=only_a_demo_is_replaced, say=say):
+        return _smoke(cfg, out, start, say)
+
+
+def _smoke(cfg: Config, out: Path, start: float, say) -> dict:
+    from .data import write_digits_imagefolder
+    from .protocols import run_protocol
+    from .report import markdown_table, write_report
+
     say("fastprompt demo --smoke: the pipeline end to end (DePT + CoOp) with a RANDOM CLIP on bundled digits\n")
-    root = write_digits_imagefolder(cfg.data.root, image_size=32)
+    with writing(cfg.data.root):
+        root = write_digits_imagefolder(cfg.data.root, image_size=32)
     say(f"data:  scikit-learn's handwritten digits, 1,797 real images, written as an ImageFolder to {root}")
     say(f"model: {cfg.model.name}, a small open_clip ViT with random weights; {cfg.train.epochs} epochs, "
         f"seeds {', '.join(map(str, cfg.data.seeds))}\n")
     results = run_protocol(cfg, say=lambda m: say("  " + m))
     md, chart = write_report([out])
     seed_dir = out / f"seed{cfg.data.seeds[0]}"
-    ckpt = sorted((seed_dir / "checkpoints").glob("step-*"))[-1]
+    ckpt = sorted((seed_dir / CHECKPOINTS).glob("step-*"))[-1]
     say("\n" + markdown_table([results]))
     say(f"whole run {time.perf_counter() - start:.0f} s; run folder {out} (report.md, chart.png, results.json, "
         f"{seed_dir.name}/checkpoints/{ckpt.name}/model.safetensors {_size(ckpt / 'model.safetensors')})\n")

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import MissingFileError, ModelError
+
 __all__ = ["ShippedWeights", "SHIPPED", "shipped_checkpoint", "shipped_tags", "pack_state_dict",
            "unpack_state_dict", "save_packed", "load_packed"]
 
@@ -30,12 +32,14 @@ class ShippedWeights:
     tag: str
     file: Path
     description: str
+    quick_gelu: bool  # the MLP activation the weights were pretrained with (QuickGELU, else nn.GELU)
 
 
 SHIPPED: dict[tuple[str, str], ShippedWeights] = {
     ("fastprompt-world", "world"): ShippedWeights(
         "fastprompt-world", "world", WEIGHTS_DIR / "fastprompt-world.safetensors",
         "pretrained on fastprompt's rendered world (`fastprompt world pretrain`, docs/world.md)",
+        quick_gelu=False,  # pretraining builds the model config's own activation, nn.GELU
     ),
 }
 
@@ -67,7 +71,7 @@ def unpack_state_dict(packed: dict[str, torch.Tensor], like: dict[str, torch.Ten
     missing = [k for k in like if k not in packed and not (k == SPARSE_KEY and k + ".ids" in packed)]
     extra = [k for k in packed if k not in like and k not in (SPARSE_KEY + ".ids", SPARSE_KEY + ".rows")]
     if missing or extra:
-        raise ValueError(f"shipped weights do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise ModelError(f"shipped weights do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
     full = {}
     for key, ref in like.items():
         if key == SPARSE_KEY and key + ".ids" in packed:
@@ -76,7 +80,7 @@ def unpack_state_dict(packed: dict[str, torch.Tensor], like: dict[str, torch.Ten
             full[key] = table
         else:
             if packed[key].shape != ref.shape:
-                raise ValueError(f"shipped weights: {key} has shape {tuple(packed[key].shape)}, the model "
+                raise ModelError(f"shipped weights: {key} has shape {tuple(packed[key].shape)}, the model "
                                  f"expects {tuple(ref.shape)}")
             full[key] = packed[key].to(ref.dtype)
     return full
@@ -99,7 +103,7 @@ def load_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a fastprompt shipped-weights file (format {meta.get('format')!r})")
+            raise ModelError(f"{path} is not a fastprompt shipped-weights file (format {meta.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, json.loads(meta.get("info", "{}"))
 
@@ -107,7 +111,7 @@ def load_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def load_into(model: nn.Module, weights: ShippedWeights) -> nn.Module:
     """Load `weights` into `model` (built from the same config); errors say what to do."""
     if not weights.file.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the shipped weights {weights.model}/{weights.tag} are missing ({weights.file}); reinstall "
             "fastprompt, or rebuild them with `fastprompt world pretrain --out " + str(weights.file) + "`"
         )

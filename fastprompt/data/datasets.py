@@ -1,6 +1,6 @@
 """The dataset registry and `load_dataset`: one entry per supported layout.
 
-The data root holds CoOp's community layout (users bring the files; see PROTOCOLS.md):
+The data root holds CoOp's community layout (users bring the files; docs/datasets.md):
 
     <data root>/
       imagenet/classnames.txt, imagenet/images/{train,val}/<wnid>/*       test = val
@@ -24,10 +24,11 @@ instructions copy it there), else from `<data root>/imagenet/classnames.txt`; th
 test split. Class names of the split-file datasets are the split files' third column (CoOp's
 cleaned names). "imagefolder" reads a user's own tree (see `imagefolder.py`); its dataset name is
 the folder's name. The `world_*` datasets are rendered by fastprompt itself into
-`<data root>/world/` on first use (see fastprompt/world/dataset.py): nothing to download.
+`<data root>/world/` on first use (docs/world.md): nothing to download.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,10 +36,13 @@ from pathlib import Path
 
 from .errors import DatasetError
 from .imagefolder import IMAGEFOLDER_LAYOUT, load_imagefolder
+from .images import require_dir
 from .imagenet import IMAGENET_LAYOUT, load_imagenet, load_imagenet_variant, variant_layout
 from .split_files import FGVC_LAYOUT, load_fgvc_aircraft, load_split_file_dataset, split_file_layout
-from .splits import DatasetSplits
+from .splits import DatasetSplits, coverage_warnings
 from ..world.catalog import FOLDER as WORLD_FOLDER, LAYOUT as WORLD_LAYOUT, dataset_names as world_dataset_names
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class DatasetSpec:
     folder: str | None
     layout: str
     read: Callable[[Path, Path], DatasetSplits]  # (data root, dataset folder) -> splits
-    generated: bool = False  # rendered by fastprompt on first use: the data root is created if missing
+    generated: bool = False  # rendered by fastprompt on first use: its folder need not exist yet
 
 
 def _split_file_spec(name: str, folder: str, image_dir: str, split_file: str) -> DatasetSpec:
@@ -100,26 +104,39 @@ def _world_spec(name: str, task: str, domain: str) -> DatasetSpec:
 DATASETS.update({name: _world_spec(name, task, domain) for name, (task, domain) in world_dataset_names().items()})
 
 
+def locate_dataset(name: str, root: str | os.PathLike) -> tuple[Path, Path]:
+    """(data root, dataset folder) of dataset `name` under `root`, checked to exist: the cheap part of
+    `load_dataset`, which commands run before anything slow (a weights download). DatasetError
+    naming the path and showing the expected tree otherwise."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    spec = DATASETS[name]
+    root = Path(root).expanduser()
+    if spec.generated and (root.is_dir() or not root.exists()):
+        return root, root / spec.folder  # rendered into place by its reader on first use
+    if not root.is_dir():
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout (docs/datasets.md):\n{spec.layout}")
+    if spec.folder is None:
+        return root, root
+    dataset_dir = root / spec.folder
+    if not dataset_dir.exists() and root.name == spec.folder:
+        dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
+    require_dir(dataset_dir, f"{name} folder", spec.layout)
+    return root, dataset_dir
+
+
 def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
-    """Read dataset `name` from the data root `root` (the community layout, see PROTOCOLS.md).
+    """Read dataset `name` from the data root `root` (the community layout, docs/datasets.md).
 
     For "imagefolder", `root` is the image folder itself. For the others `root` is the data root
     holding e.g. `caltech-101/`; `root` may also be the dataset's own folder when it carries the
     layout's folder name (e.g. `/data/caltech-101`). Raises DatasetError, naming the path
     and showing the expected tree, when the layout does not match.
     """
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    spec = DATASETS[name]
-    root = Path(root).expanduser()
-    if spec.generated:
-        root.mkdir(parents=True, exist_ok=True)
-    if not root.is_dir():
-        state = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout:\n{spec.layout}")
-    if spec.folder is None:
-        return spec.read(root, root)
-    dataset_dir = root / spec.folder
-    if not dataset_dir.exists() and root.name == spec.folder:
-        dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
-    return spec.read(root, dataset_dir)
+    root, dataset_dir = locate_dataset(name, root)
+    splits = DATASETS[name].read(root, dataset_dir)
+    splits.warnings.extend(coverage_warnings(splits))
+    for warning in splits.warnings:
+        log.warning(warning)
+    return splits

@@ -8,8 +8,10 @@ All three are exact expectations over a balanced test set (every pair has as man
 """
 from __future__ import annotations
 
+import copy
 import math
 
+from ..metrics import harmonic_mean
 from .tasks import Task, WorldClass
 from .vocabulary import NUM_SHAPES
 
@@ -33,8 +35,6 @@ def task_halves(task: Task) -> tuple[tuple[WorldClass, ...], tuple[WorldClass, .
 
 def baselines(task: Task) -> dict[str, dict[str, float]]:
     """{"chance" | "colour only" | "shape only": {"base", "new", "hm"}} in percent."""
-    from ..report import harmonic_mean
-
     out = {}
     for name, fn in (("chance", None), ("colour only", lambda p: p // NUM_SHAPES),
                      ("shape only", lambda p: p % NUM_SHAPES)):
@@ -46,8 +46,14 @@ def baselines(task: Task) -> dict[str, dict[str, float]]:
     return out
 
 
-def baseline_results(task: Task, dataset: str, model: str) -> list[dict]:
-    """The baselines as base-to-new result rows (`fastprompt.report` tables and charts take them
-    beside real runs); `seeds` is empty and nothing trained."""
-    return [{"protocol": "base2new", "method": name, "dataset": dataset, "model": model, "seeds": [],
-             "runs": [{"train": {}}], "mean": values} for name, values in baselines(task).items()]
+def baseline_results(task: Task, like: dict) -> list[dict]:
+    """The baselines as base-to-new result rows beside `like`, a result of a run on `task`
+    (`fastprompt.report` tables and charts take them with the runs): the same dataset, model and
+    data settings, no seeds, nothing trained."""
+    rows = []
+    for name, values in baselines(task).items():
+        config = copy.deepcopy(like.get("config") or {})
+        config.setdefault("method", {})["name"] = name
+        rows.append({"protocol": "base2new", "method": name, "dataset": like["dataset"], "model": like["model"],
+                     "seeds": [], "config": config, "runs": [], "mean": values})
+    return rows

@@ -51,12 +51,13 @@ def main(args) -> None:
 def _pretrain(args) -> None:
     from dataclasses import replace
 
+    from ..errors import ConfigError
     from ..shipped_weights import SHIPPED, load_packed
     from .pretrain import Recipe, pretrain, save_weights
 
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     recipe = replace(Recipe(), seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      threads=args.threads)
     out = Path(args.out)

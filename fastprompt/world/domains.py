@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from ..errors import DatasetError
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -55,5 +57,5 @@ DOMAINS: dict[str, Domain] = {
 
 def get_domain(name: str) -> Domain:
     if name not in DOMAINS:
-        raise ValueError(f"unknown world domain {name!r}; known: {', '.join(DOMAINS)}")
+        raise DatasetError(f"unknown world domain {name!r}; known: {', '.join(DOMAINS)}")
     return DOMAINS[name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..errors import DatasetError
 from .vocabulary import (COLOUR_NAMES, HELD_OUT_PAIRS, NUM_COLOURS, NUM_SHAPES, SHAPES, class_name, pair_index)
 
 
@@ -73,7 +74,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (_by_shape(), _by_colour(), _mixed(
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown world task {name!r}; known: {', '.join(TASKS)}")
+        raise DatasetError(f"unknown world task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
 
 

@@ -43,3 +43,13 @@ def test_load_clip_loads_the_shipped_world_weights_offline():
 def test_a_wrong_tag_names_the_shipped_one():
     with pytest.raises(ValueError, match="tags are: world"):
         load_clip("fastprompt-world", "wrld")
+
+
+def test_the_shipped_weights_load_into_the_activation_they_were_pretrained_with():
+    # Pretraining trains the random init load_clip builds from the model name (nn.GELU); the shipped
+    # weights must come back in the same towers, whatever the name's config would say later.
+    pretrained_in = load_clip("fastprompt-world", None).activation
+    clip = load_clip("fastprompt-world", "world")
+    assert clip.activation == pretrained_in == "gelu"
+    assert not SHIPPED[("fastprompt-world", "world")].quick_gelu
+    assert "nn.GELU" in clip.build_note and "shipped with fastprompt were pretrained with GELU" in clip.build_note

@@ -133,12 +133,12 @@ def render(colour: torch.Tensor, shape: torch.Tensor, size: torch.Tensor, backgr
     centre = IMAGE_SIZE / 2 + _uniform(2 * n, -domain.offset, domain.offset, generator).view(n, 2)
     angle = torch.deg2rad(_uniform(n, -domain.rotation, domain.rotation, generator))
     radius = torch.tensor(domain.radius)[size] * _uniform(n, 1 - domain.radius_jitter, 1 + domain.radius_jitter, generator)
-    hue = _uniform(n, -domain.hue_shift, domain.hue_shift, generator)
+    hue = domain.hue_offset + _uniform(n, -domain.hue_shift, domain.hue_shift, generator)
     rgb = _PALETTE[colour] + torch.randn(n, 3, generator=generator) * domain.colour_jitter
     strokes = _strokes(n, domain.distractors, grid, generator) if domain.distractors else None
     noise = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * domain.noise
 
-    if domain.hue_shift:
+    if domain.hue_shift or domain.hue_offset:
         rgb = torch.bmm(_hue_rotation(hue), rgb.unsqueeze(-1)).squeeze(-1)
     rgb = rgb.clamp(0, 1)
     image = (grey[:, None] + tint).clamp(0, 1)[:, :, None, None].expand(n, 3, g, g)

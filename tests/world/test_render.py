@@ -39,6 +39,23 @@ def test_object_has_its_palette_colour_and_size():
         torch.testing.assert_close(covered, expected, rtol=0.2, atol=0)
 
 
+def test_a_colour_cast_rotates_every_hue_by_the_same_angle_about_the_grey_axis():
+    plain = replace(CLEAN, noise=0.0, colour_jitter=0.0, background_tint=0.0, offset=0.0, rotation=0.0, radius_jitter=0.0)
+    cast = replace(plain, hue_offset=DOMAINS["cast"].hue_offset)
+    assert DOMAINS["cast"] == replace(CLEAN, hue_offset=25.0)
+    a = torch.deg2rad(torch.tensor(25.0, dtype=torch.float64))
+    k = torch.ones(3, dtype=torch.float64) / 3 ** 0.5
+    for c, rgb in enumerate(COLOURS.values()):
+        img = _render([c], [1], [1], [0], domain=cast)
+        p = torch.tensor(rgb, dtype=torch.float64)  # Rodrigues' formula in float64, clipped as images are
+        want = p * torch.cos(a) + torch.linalg.cross(k, p) * torch.sin(a) + k * (k @ p) * (1 - torch.cos(a))
+        torch.testing.assert_close(img[0, :, IMAGE_SIZE // 2, IMAGE_SIZE // 2].double(), want.clamp(0, 1),
+                                   atol=1e-5, rtol=0)
+    # Only the object changes: the grey background is on the rotation axis.
+    corner = lambda domain: _render([0], [1], [1], [0], domain=domain)[..., :2, :2]  # noqa: E731
+    assert torch.equal(corner(cast), corner(plain))
+
+
 def test_backgrounds_are_dark_and_light():
     img = _render([0, 0], [0, 0], [0, 0], [0, 1])
     corner = img[:, :, :3, :3].mean(dim=(1, 2, 3))

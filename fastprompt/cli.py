@@ -121,11 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="base-to-new prompt tuning on a rendered world with a tiny pretrained CLIP, on CPU (minutes)",
-        description="Render the world's base-to-new task, load fastprompt-world with its shipped weights, run "
-                    "zero-shot CLIP and the prompt methods (CoOp, DePT + CoOp, KgCoOp, DePT + KgCoOp, MaPLe, DPL) on "
-                    "the base classes, evaluate base and new, and print the Base/New/HM table beside chance and "
-                    "colour-only baselines. Needs no GPU and no network. --smoke instead checks the pipeline in "
-                    "seconds on bundled digits with a random CLIP.",
+        description="Render the world's base-to-new task (docs/world.md), load fastprompt-world with its shipped "
+                    "weights, run zero-shot CLIP, CoOp, DePT + CoOp and KgCoOp on the base classes, evaluate base and "
+                    "new, and print the Base/New/HM table beside chance and colour-only baselines. Needs no GPU and "
+                    "no network. --smoke instead checks the pipeline in seconds on bundled digits with a random CLIP.",
     )
     demo.add_argument("--output-dir", default=None, help="run folder (default: runs/demo, or runs/demo-smoke)")
     from .demo import FAST_METHODS, FAST_OVERRIDES

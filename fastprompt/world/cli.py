@@ -18,10 +18,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     pre = sub.add_parser(
         "pretrain", help="pretrain the world CLIP from a seed (reproduces the shipped fastprompt-world weights)",
         description="Contrastive pretraining of fastprompt-world on freshly rendered images (docs/world.md). "
-                    "With the defaults it reproduces the shipped weights bit for bit on a CPU with the same torch "
-                    "version and thread count (about 8 minutes on 2 idle cores). On a shared, busy machine "
-                    "set OMP_WAIT_POLICY=PASSIVE: the two threads then stop spinning against other processes "
-                    "(same weights, several times faster).")
+                    "With the defaults it rebuilds the shipped weights, bit for bit on a CPU with the same torch "
+                    "version and thread count (the shipped run took 30 minutes on 2 cores shared with other jobs; "
+                    "its record is in fastprompt/weights/fastprompt-world.json). On a shared, busy machine set "
+                    "OMP_WAIT_POLICY=PASSIVE: the two threads then stop spinning against other processes (the "
+                    "same weights).")
     pre.add_argument("--out", default=DEFAULT_OUT, help=f"weights file to write (default {DEFAULT_OUT}); a JSON record "
                      "of the run is written beside it")
     pre.add_argument("--seed", type=int, default=r.seed, help=f"seed of the init, the images and the captions ({r.seed})")

@@ -114,17 +114,22 @@ def test_mask_recognition_and_refusal():
         attn(x, x, x, attn_mask=causal)
 
 
-def test_unsupported_modules_are_refused_or_left_alone():
+def test_unsupported_modules_are_refused_naming_the_layer_before_anything_is_swapped():
     with pytest.raises(ValueError, match="kdim/vdim"):
         DecoupledAttention(nn.MultiheadAttention(32, 2, batch_first=True, kdim=16, vdim=16))
     with pytest.raises(ValueError, match="dropout"):
         DecoupledAttention(nn.MultiheadAttention(32, 2, batch_first=True, dropout=0.1))
-    seq_first = nn.Sequential(nn.MultiheadAttention(32, 2))
-    with pytest.raises(ValueError, match="no batch-first"):
-        swap_attention(seq_first)
-    mixed = nn.ModuleDict({"a": nn.MultiheadAttention(32, 2, batch_first=True), "b": nn.MultiheadAttention(32, 2)})
-    assert swap_attention(mixed) == ["a"]
-    assert isinstance(mixed["b"], nn.MultiheadAttention)
+    with pytest.raises(ValueError, match="no nn.MultiheadAttention"):
+        swap_attention(nn.Sequential(nn.Linear(4, 4)))
+    # One bad layer: an error naming it, and the good layer is left as it was (decided up front).
+    mixed = nn.ModuleDict({"a": nn.MultiheadAttention(32, 2, batch_first=True), "b": nn.MultiheadAttention(32, 2, dropout=0.1)})
+    with pytest.raises(ValueError, match="^b: .*dropout"):
+        swap_attention(mixed)
+    assert isinstance(mixed["a"], nn.MultiheadAttention)
+    # Both layouts are swapped, each keeping its own.
+    both = nn.ModuleDict({"a": nn.MultiheadAttention(32, 2, batch_first=True), "b": nn.MultiheadAttention(32, 2)})
+    assert swap_attention(both) == ["a", "b"]
+    assert both["a"].batch_first and not both["b"].batch_first
 
 
 def test_swapped_open_clip_block_compiles_fullgraph():

@@ -352,7 +352,8 @@ if HAS_TRITON:
             tl.store(lse_ptr + rows, lse_itm, mask=row_ok)
             tl.store(lse_ptr + B + rows, lse_img, mask=row_ok)
             tl.store(lse_ptr + 2 * B + rows, lse_txt, mask=row_ok)
-        tl.store(loss_ptr, tl.sum(acc, axis=0))
+        # A non-positive scale also shows in the loss (NaN), where device assertions are compiled out.
+        tl.store(loss_ptr, tl.where(s > 0, tl.sum(acc, axis=0), float("nan")))
 
     @triton.jit
     def _logit_grad_kernel(
@@ -901,9 +902,12 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, lse, inv_ni, inv_nt)
     ctx.scale_f, ctx.lam = scale_f, lam
     ctx.mark_non_differentiable(lse, inv_ni, inv_nt)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics (three launches)
 
 
 def _loss_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return (None,) * 12
     f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, lse, inv_ni, inv_nt = ctx.saved_tensors
     d_img, d_txt, d_gi, d_bi, d_gt, d_bt, d_w, d_b = _cat_head_loss_backward_op(
         grad_loss, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, ctx.scale_f, ctx.lam, lse, inv_ni, inv_nt,

@@ -78,25 +78,31 @@ _LOG2E = 1.4426950408889634
 # Launch configurations and autotuning
 # ----------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, warps, stages). Every config compiles for sm_90 and sm_80 with no register
-# spill at D = 64 in fp16/bf16 (tests/kernels/test_static_budget.py holds this; the table is in
-# benchmarks/results/static_budget.md). fp32 inputs use 3xTF32 tensor-core dots and only the
-# FP32_OK configs (bigger tiles spill there).
-FWD_SHAPES = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 2, 3))
-DQ_SHAPES = ((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 2, 3))
-DKDV_SHAPES = ((64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 32, 2, 3))
-FP32_OK = {(64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 2, 3), (64, 64, 4, 2)}
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel. Every config compiles for sm_90 and sm_80 with no
+# register spill at the CLIP shapes (tests/kernels/test_static_budget.py holds this; the table is
+# benchmarks/results/static_budget.md). fp16/bf16 and fp32 have their own sets: fp32 inputs run
+# 3xTF32 tensor-core dots (about fp32's accuracy), whose split operands need smaller tiles.
+HALF_SHAPES = {
+    "fwd": ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 2, 3)),
+    "dq": ((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3)),
+    "dkdv": ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 32, 2, 3)),
+}
+FP32_SHAPES = {
+    "fwd": ((64, 32, 4, 2), (32, 32, 2, 3)),
+    "dq": ((16, 32, 4, 1), (16, 64, 4, 1)),
+    "dkdv": ((16, 32, 4, 1), (32, 16, 4, 1), (64, 16, 4, 1)),
+}
 
 
 def _configs(kind: str):
-    """Candidate configs for one kernel ('fwd', 'dq', 'dkdv').
+    """Candidate configs for one kernel ('fwd', 'dq', 'dkdv'), both dtype families (pruned per call).
 
     Under the interpreter one config with 32-wide tiles: fast, and still several tiles at N=77
     so that every run of unmasked and masked blocks is exercised.
     """
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    shapes = {"fwd": FWD_SHAPES, "dq": DQ_SHAPES, "dkdv": DKDV_SHAPES}[kind]
+    shapes = dict.fromkeys(HALF_SHAPES[kind] + FP32_SHAPES[kind])  # ordered, no duplicates
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
@@ -109,25 +115,27 @@ def n_bucket(n: int) -> int:
     return max(64, triton.cdiv(n, 64) * 64)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Shape-aware pruning: no tile taller or wider than the bucketed sequence; fp32 safe configs."""
-    bucket = named_args["N_BUCKET"]
-    fp32 = named_args["Q"].dtype == torch.float32
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if max(bm, bn) > bucket:
-            continue
-        if fp32 and (bm, bn, c.num_warps, c.num_stages) not in FP32_OK:
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+def prune_configs(kind: str, configs, n: int, dtype: torch.dtype):
+    """The configs the autotuner tries for one call: the dtype family's set, no tile taller or wider
+    than the bucketed sequence (at least the smallest config survives)."""
+    family = FP32_SHAPES[kind] if dtype == torch.float32 else HALF_SHAPES[kind]
+    bucket = n_bucket(n)
+    mine = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family]
+    if not mine:  # the interpreter's single config
+        return configs
+    fits = [c for c in mine if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= bucket]
+    return fits or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        return prune_configs(kind, configs, named_args["N"], named_args["Q"].dtype)
+    return {"early_config_prune": prune}
 
 
 # The autotuner keys on the bucketed N (plus the tensor dtypes, which Triton adds) and the flags
 # that change the work per tile.
 _TUNE_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "SEE_ALL", "MODE_X", "MODE_P", "SINGLE"]
-_PRUNE = {"early_config_prune": _prune_configs}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +335,7 @@ def _finish_state(m_i, l_i, acc):
     return acc / tl.where(seen, l_i, 1.0)[:, None], lse2
 
 
-@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _forward_kernel(
     Q, K, V, Out, OMinor, Lse, ThetaX, ThetaP,
@@ -424,7 +432,7 @@ def _dq_sweep(q, do, dq, stat, delta, k_base, v_base, stride_kn, stride_kd, stri
     return dq
 
 
-@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit
 def _backward_dq_kernel(
     Q, K, V, Out, DOut, OMinor, Lse, ThetaX, ThetaP, Stats, DW, DQ,
@@ -592,7 +600,7 @@ def _dkdv_sweep(k, v, dk, dv, is_p_col, q_base, do_base, stride_qn, stride_qd, s
     return dk, dv
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, prune_configs_by=_pruner("dkdv"))
 @triton.jit
 def _backward_dkdv_kernel(
     Q, K, V, DOut, Stats, DK, DV,
@@ -869,9 +877,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, o_minor, instance_theta, prompt_theta)
     ctx.scalars = tuple(scalars)
     ctx.mark_non_differentiable(lse, o_minor)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for lse / o_minor (two memsets per call)
 
 
 def _autograd_backward(ctx, dout, _dlse, _dminor):
+    if dout is None:
+        return (None,) * (5 + _NUM_SCALAR_ARGS)
     q, k, v, out, lse, o_minor, instance_theta, prompt_theta = ctx.saved_tensors
     dq, dk, dv, dtheta = decoupled_attention_bwd(dout, q, k, v, out, lse, o_minor, instance_theta, prompt_theta,
                                                  *ctx.scalars)
@@ -955,9 +966,12 @@ def _qkv_setup_context(ctx, inputs, output):
     ctx.layout = (num_heads, seq_first)
     ctx.scalars = tuple(scalars)
     ctx.mark_non_differentiable(lse, o_minor)
+    ctx.set_materialize_grads(False)
 
 
 def _qkv_autograd_backward(ctx, dout, _dlse, _dminor):
+    if dout is None:
+        return (None,) * (5 + _NUM_SCALAR_ARGS)
     qkv, out, lse, o_minor, instance_theta, prompt_theta = ctx.saved_tensors
     dqkv, dtheta = decoupled_attention_qkv_bwd(dout, qkv, out, lse, o_minor, *ctx.layout, instance_theta,
                                                prompt_theta, *ctx.scalars)

@@ -431,14 +431,15 @@ def test_benchmark_table_smoke_mode_writes_its_report(tmp_path):
     import json
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_table.py"
-    spec = importlib.util.spec_from_file_location("attention_table_smoke", script)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "decoupled_attention_table.py"
+    spec = importlib.util.spec_from_file_location("decoupled_attention_table_smoke", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     report = json.loads(module.main(["--smoke", "--out", str(tmp_path)]).read_text())
     assert report["benchmark"] == "decoupled_attention" and report["mode"].startswith("smoke")
     impls = {(r["shape"], r["rules"], r["impl"]) for r in report["rows"]}
-    assert len(impls) == len(module.SMOKE_SHAPES) * len(module.RULES) * 2
+    assert len(impls) == len(module.SMOKE_SHAPES) * len(module.RULES) * 4  # triton, both packed layouts, eager
+    assert {"triton_qkv_bf", "triton_qkv_sf"} <= {r["impl"] for r in report["rows"]}
     for row in report["rows"]:
         for mode in module.MODES:
             assert row[f"{mode}_ms"] is not None and row[f"{mode}_ms"] > 0, row

@@ -172,13 +172,14 @@ if HAS_TRITON:
     def _head_logit_tiles(
         img_ptr, txt_ptr, true_txt_row, gather_ok, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
         rows64, row_ok, cols64, col_ok, C, D,
-        PER_ROW_TEXT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One [BLOCK_B, BLOCK_C] tile of the three heads, summed over d in BLOCK_D slices.
 
         Returns (g_I W^T, g_T[y] W^T, f_I . f_T unnormalised, sum of f_T^2 per class or per
-        (row, class)); bias, norms and scale are applied by the caller."""
+        (row, class)); bias, norms and scale are applied by the caller. Without ITM (lam = 1:
+        the CAT head alone) the last two stay zero and cost nothing."""
         acc_img = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         acc_txt = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         raw_itm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
@@ -204,7 +205,9 @@ if HAS_TRITON:
             w_t = tl.trans(w.to(DOT))
             acc_img += tl.dot(g_i, w_t, input_precision=PRECISION)
             acc_txt += tl.dot(g_t, w_t, input_precision=PRECISION)
-            if PER_ROW_TEXT:
+            if not ITM:
+                pass
+            elif PER_ROW_TEXT:
                 # Each row has its own C x d text matrix: a batched mat-vec, not a matmul.
                 f_t = tl.load(
                     txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
@@ -224,8 +227,8 @@ if HAS_TRITON:
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr, bias_ptr,
         scale_ptr, scale_value, stats_ptr, inv_norm_img_ptr, inv_norm_txt_ptr,
         B, C, D, cols_per_split,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program: BLOCK_B rows against one slice of the classes (cols_per_split, a multiple of
         BLOCK_C). Writes the slice's log-sum-exp statistics stats [3 heads, 3, splits, B]
@@ -242,9 +245,9 @@ if HAS_TRITON:
         y, label_ok, true_txt_row = _labels(labels_ptr, rows, rows64, row_ok, C, D, PER_ROW_TEXT)
         s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
 
-        # Image norms first: every C tile needs them.
+        # Image norms first: every C tile needs them (the ITM head only).
         ssq_i = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
+        for k0 in range(0, D if ITM else 0, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0).to(tl.float32)
             ssq_i += tl.sum(f_i * f_i, axis=1)
@@ -266,10 +269,13 @@ if HAS_TRITON:
             cols64 = cols.to(tl.int64)
             acc_img, acc_txt, raw_itm, ssq_t = _head_logit_tiles(
                 img_ptr, txt_ptr, true_txt_row, row_ok & label_ok, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr,
-                w_ptr, rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_D,
+                w_ptr, rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, ITM, DOT, PRECISION, BLOCK_B, BLOCK_C,
+                BLOCK_D,
             )
             inv_nt = 1.0 / tl.maximum(tl.sqrt(ssq_t), NORM_EPS)
-            if PER_ROW_TEXT:
+            if not ITM:
+                z_itm = raw_itm  # zeros: a constant head, weighted 0
+            elif PER_ROW_TEXT:
                 z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
                 tl.store(inv_norm_txt_ptr + rows64[:, None] * C + cols64[None, :], inv_nt, mask=row_ok[:, None] & col_ok[None, :])
             else:
@@ -360,8 +366,8 @@ if HAS_TRITON:
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr, bias_ptr,
         scale_ptr, scale_value, lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr, ticket_ptr, n_tickets,
         B, C, D, LDC,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """The logit gradients without their weights: n [3, B, LDC] = softmax - onehot for the itm,
         cat image and cat text heads (in the dot dtype: values in [-1, 1] suit fp16/bf16), and
@@ -384,14 +390,14 @@ if HAS_TRITON:
                 tl.store(ticket_ptr + tickets, tl.zeros([128], dtype=tl.int32), mask=tickets < n_tickets)
         acc_img, acc_txt, raw_itm, _ = _head_logit_tiles(
             img_ptr, txt_ptr, true_txt_row, row_ok & label_ok, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr,
-            w_ptr, rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_D,
+            w_ptr, rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, ITM, DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_D,
         )
-        inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
+        inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok & ITM, other=0.0)
         tile_mask = row_ok[:, None] & col_ok[None, :]
         if PER_ROW_TEXT:
-            inv_nt = tl.load(inv_norm_txt_ptr + rows64[:, None] * C + cols64[None, :], mask=tile_mask, other=0.0)
+            inv_nt = tl.load(inv_norm_txt_ptr + rows64[:, None] * C + cols64[None, :], mask=tile_mask & ITM, other=0.0)
         else:
-            inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+            inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok & ITM, other=0.0)[None, :]
         z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         lse_itm = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -405,10 +411,11 @@ if HAS_TRITON:
         plane = B * LDC
         keep = row_ok[:, None] & (cols < LDC)[None, :]  # padding columns too, as zeros
         valid = col_ok[None, :]
-        tl.store(n_ptr + offs, tl.where(valid, n_itm, 0.0).to(n_ptr.dtype.element_ty), mask=keep)
         tl.store(n_ptr + plane + offs, tl.where(valid, n_img, 0.0).to(n_ptr.dtype.element_ty), mask=keep)
         tl.store(n_ptr + 2 * plane + offs, tl.where(valid, n_txt, 0.0).to(n_ptr.dtype.element_ty), mask=keep)
-        tl.store(nz_ptr + offs, tl.where(valid, n_itm * z_itm, 0.0), mask=keep)
+        if ITM:  # without it the readers skip n_itm and nz
+            tl.store(n_ptr + offs, tl.where(valid, n_itm, 0.0).to(n_ptr.dtype.element_ty), mask=keep)
+            tl.store(nz_ptr + offs, tl.where(valid, n_itm * z_itm, 0.0), mask=keep)
 
     @triton.jit
     def _row_grad_kernel(
@@ -417,8 +424,8 @@ if HAS_TRITON:
         inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr,
         d_img_ptr, d_txt_ptr, dg_txt_ptr, part_ptr,
         B, C, D, LDC,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Reductions over classes for a block of rows and a slice of features.
 
@@ -456,16 +463,24 @@ if HAS_TRITON:
             # n, nz: whole aligned rows up to LDC (the padding holds zeros).
             offs_n = rows64[:, None] * LDC + cols64[None, :]
             n_mask = row_ok[:, None] & (cols < LDC)[None, :]
-            n_itm = tl.load(n_ptr + offs_n, mask=n_mask, other=0.0)
             n_img = tl.load(n_ptr + plane + offs_n, mask=n_mask, other=0.0).to(DOT)
             n_txt = tl.load(n_ptr + 2 * plane + offs_n, mask=n_mask, other=0.0).to(DOT)
-            nz = tl.load(nz_ptr + offs_n, mask=n_mask, other=0.0)
-            nz_rowsum += tl.sum(nz, axis=1)
+            if ITM:
+                n_itm = tl.load(n_ptr + offs_n, mask=n_mask, other=0.0)
+                nz = tl.load(nz_ptr + offs_n, mask=n_mask, other=0.0)
+                nz_rowsum += tl.sum(nz, axis=1)
             ck_mask = col_ok[:, None] & k_ok[None, :]
             w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(DOT)
             acc_gi += tl.dot(n_img, w, input_precision=PRECISION)
             acc_gt += tl.dot(n_txt, w, input_precision=PRECISION)
-            if PER_ROW_TEXT:
+            if PER_ROW_TEXT and not ITM:
+                # d f_T has no ITM part: zero everywhere but at the label (written after the loop).
+                offs = rows64[:, None] * C + cols64[None, :]
+                not_label = cols64[None, :] != y[:, None]
+                tl.store(d_txt_ptr + offs[:, :, None] * D + ks[None, None, :],
+                         tl.zeros([BLOCK_B, BLOCK_C, BLOCK_D], dtype=d_txt_ptr.dtype.element_ty),
+                         mask=(tile_mask & not_label)[:, :, None] & k_ok[None, None, :])
+            elif PER_ROW_TEXT:
                 offs = rows64[:, None] * C + cols64[None, :]
                 inv_nt = tl.load(inv_norm_txt_ptr + offs, mask=tile_mask, other=0.0)
                 f_t = tl.load(
@@ -483,7 +498,7 @@ if HAS_TRITON:
                     d_txt_ptr + offs[:, :, None] * D + ks[None, None, :], d_t.to(d_txt_ptr.dtype.element_ty),
                     mask=(tile_mask & not_label)[:, :, None] & k_ok[None, None, :],
                 )
-            else:
+            elif ITM:
                 inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
                 f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
                 # Unit text vectors as the operand: bounded, whatever the feature norms.
@@ -493,7 +508,9 @@ if HAS_TRITON:
         gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         # ITM: du = a s sum_c n v_c; the tangent projection du - (du . u) u, du . u = a sum_c n z.
         proj_i = tl.where(inv_ni < 1.0 / NORM_EPS, 1.0, 0.0)
-        d_i = a_cat * gamma_i[None, :] * acc_gi + a_itm * (s * acc_u - (nz_rowsum * proj_i)[:, None] * u) * inv_ni[:, None]
+        d_i = a_cat * gamma_i[None, :] * acc_gi
+        if ITM:
+            d_i += a_itm * (s * acc_u - (nz_rowsum * proj_i)[:, None] * u) * inv_ni[:, None]
         tl.store(d_img_ptr + rows64[:, None] * D + ks[None, :], d_i.to(d_img_ptr.dtype.element_ty), mask=rk_mask)
         dg_t = gamma_t[None, :] * acc_gt
         gather_mask = (row_ok & label_ok)[:, None] & k_ok[None, :]
@@ -505,7 +522,9 @@ if HAS_TRITON:
             nz_y = tl.load(nz_ptr + rows64 * LDC + y_safe, mask=label_ok_row, other=0.0)
             inv_nt_y = tl.load(inv_norm_txt_ptr + rows64 * C + y_safe, mask=label_ok_row, other=0.0)
             proj_y = tl.where(inv_nt_y < 1.0 / NORM_EPS, 1.0, 0.0)
-            d_t_y = a_itm * ((s * n_y * inv_nt_y)[:, None] * u - (nz_y * inv_nt_y * inv_nt_y * proj_y)[:, None] * f_tt) + a_cat * dg_t
+            d_t_y = a_cat * dg_t
+            if ITM:
+                d_t_y += a_itm * ((s * n_y * inv_nt_y)[:, None] * u - (nz_y * inv_nt_y * inv_nt_y * proj_y)[:, None] * f_tt)
             tl.store(d_txt_ptr + true_txt_row[:, None] + ks[None, :], d_t_y.to(d_txt_ptr.dtype.element_ty),
                      mask=gather_mask)
         else:
@@ -526,8 +545,9 @@ if HAS_TRITON:
         dw_ptr, db_ptr, d_txt_ptr, dw_part_ptr, db_part_ptr, d_txt_part_ptr, ticket_ptr,
         vec_part_ptr, d_gamma_i_ptr, d_beta_i_ptr, d_gamma_t_ptr, d_beta_t_ptr, n_row_blocks,
         B, C, D, LDC, rows_per_split,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, SPLIT: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Reductions over the rows of one split for a block of classes and a slice of features.
 
@@ -582,12 +602,13 @@ if HAS_TRITON:
             acc_w += tl.dot(tl.trans(n_txt.to(DOT)), g_t, input_precision=PRECISION)
             acc_b += tl.sum(n_img.to(tl.float32) + n_txt.to(tl.float32), axis=0)
             if not PER_ROW_TEXT:
-                n_itm = tl.load(n_ptr + offs, mask=n_mask, other=0.0).to(DOT)
-                inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
-                # Unit image vectors as the operand (bounded).
-                u = (f_i * inv_ni[:, None]).to(DOT)
-                acc_v += tl.dot(tl.trans(n_itm), u, input_precision=PRECISION)
-                nz_colsum += tl.sum(tl.load(nz_ptr + offs, mask=n_mask, other=0.0), axis=0)
+                if ITM:
+                    n_itm = tl.load(n_ptr + offs, mask=n_mask, other=0.0).to(DOT)
+                    inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
+                    # Unit image vectors as the operand (bounded).
+                    u = (f_i * inv_ni[:, None]).to(DOT)
+                    acc_v += tl.dot(tl.trans(n_itm), u, input_precision=PRECISION)
+                    nz_colsum += tl.sum(tl.load(nz_ptr + offs, mask=n_mask, other=0.0), axis=0)
                 # Scatter-add of the CAT text-row gradients to their labels, as a one-hot product.
                 onehot = tl.where(tile_mask & (cols64[None, :] == y[:, None]), 1.0, 0.0).to(DOT)
                 dg_t = tl.load(dg_txt_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(DOT)
@@ -597,12 +618,14 @@ if HAS_TRITON:
         dw_val = a_cat * acc_w
         db_val = a_cat * acc_b
         if not PER_ROW_TEXT:
-            inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
-            f_t = tl.load(txt_ptr + out_offs, mask=ck_mask, other=0.0).to(tl.float32)
-            proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
-            # ITM: dv = a s sum_b n u_b; (dv - (dv . v) v) / |t| with dv . v = a sum_b n z. All of it
-            # is linear in the rows, so the split partials add up.
-            dt_val = a_itm * (s * acc_v - (nz_colsum * inv_nt * proj_t)[:, None] * f_t) * inv_nt[:, None] + a_cat * acc_scatter
+            dt_val = a_cat * acc_scatter
+            if ITM:
+                inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
+                f_t = tl.load(txt_ptr + out_offs, mask=ck_mask, other=0.0).to(tl.float32)
+                proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
+                # ITM: dv = a s sum_b n u_b; (dv - (dv . v) v) / |t| with dv . v = a sum_b n z. All of
+                # it is linear in the rows, so the split partials add up.
+                dt_val += a_itm * (s * acc_v - (nz_colsum * inv_nt * proj_t)[:, None] * f_t) * inv_nt[:, None]
         if SPLIT:
             n_splits = tl.num_programs(2)
             part_offs = split * C * D + out_offs
@@ -754,7 +777,7 @@ def _launch_loss_forward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t,
         f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
         scale_ptr, scale_value, stats, inv_norm_img, inv_norm_txt,
         b, c, d, cols_per_split,
-        PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
+        PER_ROW_TEXT=per_row, ITM=lam < 1.0, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
         BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
@@ -774,7 +797,7 @@ def _launch_loss_backward(grad, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, s
     blocks = _pick_blocks(b, c, d, per_row, f_i.dtype)
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
     dot, n_dtype, precision = _dot_types(f_i.dtype)
-    common = dict(PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
+    common = dict(PER_ROW_TEXT=per_row, ITM=lam < 1.0, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
                   BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features,
                   num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     grad = grad.reshape(()).to(device=dev, dtype=torch.float32)
@@ -994,6 +1017,19 @@ def cat_head_loss(
     (int64 or int32), gamma/beta [d], weight [C, d], bias [C], logit_scale = s (float or scalar
     tensor; frozen, gets no gradient). Returns a float32 scalar; gradients flow to the features,
     gamma/beta (both), weight and bias, each in its input's dtype.
+
+    In a DePT-style research codebase, the CAT head's lines (channel-wise scale/shift layers on
+    the text features gathered by label and on the image features, concatenated, a linear layer,
+    cross-entropy against the labels repeated twice) are one call with lam=1.0 (the CAT head
+    alone; the ITM work is skipped):
+
+        loss_cat = cat_head_loss(img_feats, text_feats, labels,
+                                 gamma_img=film_img.scale, beta_img=film_img.bias,
+                                 gamma_txt=film_txt.scale, beta_txt=film_txt.bias,
+                                 weight=linear.weight, bias=linear.bias, logit_scale=1.0, lam=1.0)
+
+    and with logit_scale = CLIP's exp(logit_scale) and lam = the CAT weight the call is the
+    whole objective, the ITM cross-entropy included (docs/drop-in.md).
     """
     check_cat_head_args(
         image_features, text_features, labels, gamma_img=gamma_img, beta_img=beta_img, gamma_txt=gamma_txt,

@@ -499,3 +499,59 @@ def test_gpu_cpu_scalar_logit_scale_with_cuda_features():
     fused = ch.cat_head_loss(**feats, labels=labels, **params, logit_scale=cpu_scale)
     truth = ref.cat_head_loss(**feats, labels=labels, **params, logit_scale=cpu_scale)
     torch.testing.assert_close(fused, truth.float(), rtol=1e-5, atol=1e-6)
+
+
+# ---- the drop-in call for DePT-style research code --------------------------------------------------
+
+class _ScaleShift(torch.nn.Module):
+    """A channel-wise scale and shift layer as DePT-style codebases write it (`scale`, `bias` [d])."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = torch.nn.Parameter(1.0 + 0.2 * torch.randn(d))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return self.scale.to(x.dtype) * x + self.bias.to(x.dtype)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.7])
+def test_one_call_replaces_the_research_codes_head_lines(lam):
+    """lam = 1: linear(cat([film_txt(f_T)[y], film_img(f_I)])) + cross-entropy with [y; y], one for one
+    (forward and every gradient); lam < 1: the whole objective, ITM cross-entropy included."""
+    b, c, d = 6, 11, 32
+    torch.manual_seed(5)
+    film_img, film_txt, linear = _ScaleShift(d), _ScaleShift(d), torch.nn.Linear(d, c)
+    img = (0.5 * torch.randn(b, d)).requires_grad_()
+    txt = (0.5 * torch.randn(c, d)).requires_grad_()
+    labels = torch.randint(0, c, (b,))
+    logit_scale = torch.tensor(100.0)
+    modules = [film_img, film_txt, linear]
+
+    def research_lines():
+        t, i = film_txt(txt.double()), film_img(img.double())
+        logits = torch.nn.functional.linear(torch.cat([t[labels], i]), linear.weight.double(), linear.bias.double())
+        loss_cat = F.cross_entropy(logits, torch.cat([labels, labels]))
+        if lam == 1.0:
+            return loss_cat
+        # The ITM logits on the raw features (before the scale/shift layers), as DePT computes them.
+        sim = logit_scale.double() * F.normalize(img.double(), dim=-1) @ F.normalize(txt.double(), dim=-1).t()
+        return (1 - lam) * F.cross_entropy(sim, labels) + lam * loss_cat
+
+    def one_call():
+        return ch.cat_head_loss(img.to(DEVICE), txt.to(DEVICE), labels.to(DEVICE),
+                                gamma_img=film_img.scale, beta_img=film_img.bias, gamma_txt=film_txt.scale,
+                                beta_txt=film_txt.bias, weight=linear.weight, bias=linear.bias,
+                                logit_scale=1.0 if lam == 1.0 else logit_scale, lam=lam)
+
+    results = []
+    for fn in (research_lines, one_call):
+        for t in [img, txt, *[p for m in modules for p in m.parameters()]]:
+            t.grad = None
+        loss = fn()
+        loss.backward()
+        results.append((loss.detach(), [t.grad.clone() for t in [img, txt, *[p for m in modules for p in m.parameters()]]]))
+    (want, want_grads), (got, got_grads) = results
+    assert rel_err(got, want) < 1e-5
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert rel_err(g, w) < 1e-5, i

@@ -203,6 +203,17 @@ def _load_rows(base, offs_r, offs_d, stride_r, stride_d, r_hi, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def _load_block(ptrs, offs_r, offs_d, r_hi, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A tile from pointers advanced in a loop (built once outside it); masks as `_load_rows`."""
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=(offs_r < r_hi)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
 def _visible(offs_m, offs_n, N, prompt_start, prompt_end, CAUSAL: tl.constexpr, SEE_ALL: tl.constexpr,
              SEGMENT: tl.constexpr):
     """[BLOCK_M, BLOCK_N] (or broadcastable): may row i see key j within the sweep's segment.
@@ -280,9 +291,11 @@ def _fwd_sweep(q, m_i, l_i, acc, k_base, v_base, stride_kn, stride_kd, stride_vn
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, N, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_block(k_ptrs + start_n * stride_kn, offs_n, offs_d, N, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             s = tl.where(_visible(offs_m, offs_n, N, prompt_start, prompt_end, CAUSAL, SEE_ALL, SEGMENT),
@@ -296,7 +309,7 @@ def _fwd_sweep(q, m_i, l_i, acc, k_base, v_base, stride_kn, stride_kd, stride_vn
             p = tl.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, N, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_block(v_ptrs + start_n * stride_vn, offs_n, offs_d, N, HEAD_DIM, BLOCK_D, MASKED)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -418,10 +431,12 @@ def _dq_sweep(q, do, dq, stat, delta, k_base, v_base, stride_kn, stride_kd, stri
     """dq += sum over the key blocks starting in [lo, hi) of dS K (3 GEMMs, one exp2 per block)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base, offs_n, offs_d, stride_kn, stride_kd, N, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, N, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_block(k_ptrs + start_n * stride_kn, offs_n, offs_d, N, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_block(v_ptrs + start_n * stride_vn, offs_n, offs_d, N, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale - stat[:, None])
         if MASKED:
@@ -566,18 +581,23 @@ def _dkdv_sweep(k, v, dk, dv, is_p_col, q_base, do_base, stride_qn, stride_qd, s
     else:
         stat_plane = plane
         delta_plane = 3 * plane
+    # Tile pointers built once; each iteration only advances them (as FlashAttention's loop does).
+    q_ptrs = q_base + offs_m0[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_ptrs = do_base + offs_m0[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    stat_ptrs = Stats + stat_plane + stat_row0 + offs_m0
+    delta_ptrs = Stats + delta_plane + stat_row0 + offs_m0
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_rows(q_base, offs_m, offs_d, stride_qn, stride_qd, row_hi, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(do_base, offs_m, offs_d, stride_gn, stride_gd, row_hi, HEAD_DIM, BLOCK_D, MASKED)
-        rows = stat_row0 + offs_m
+        q = _load_block(q_ptrs + start_m * stride_qn, offs_m, offs_d, row_hi, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_block(do_ptrs + start_m * stride_gn, offs_m, offs_d, row_hi, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             m_ok = offs_m < row_hi
-            stat_x = tl.load(Stats + stat_plane + rows, mask=m_ok, other=float("inf"))
-            delta_x = tl.load(Stats + delta_plane + rows, mask=m_ok, other=0.0)
+            stat_x = tl.load(stat_ptrs + start_m, mask=m_ok, other=float("inf"))
+            delta_x = tl.load(delta_ptrs + start_m, mask=m_ok, other=0.0)
         else:
-            stat_x = tl.load(Stats + stat_plane + rows)
-            delta_x = tl.load(Stats + delta_plane + rows)
+            stat_x = tl.load(stat_ptrs + start_m)
+            delta_x = tl.load(delta_ptrs + start_m)
+        rows = stat_row0 + offs_m
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if MIXED:
             stat_p = tl.load(Stats + rows, mask=m_ok, other=float("inf"))

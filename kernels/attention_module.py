@@ -10,6 +10,7 @@ model computes what it computed before, at any prompt range.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional, Union
 
 import torch
@@ -77,6 +78,9 @@ class DecoupledAttention(nn.Module):
         _check_swappable(mha, self.layer_name)
         if backend not in ("triton", "reference"):
             raise ValueError(f"backend must be 'triton' or 'reference', got {backend!r}")
+        if backend == "triton" and importlib.util.find_spec("triton") is None:
+            raise ValueError(f"{self.layer_name}: backend='triton' needs Triton, which is not installed on this "
+                             "platform; use backend='reference' (plain PyTorch) or keep nn.MultiheadAttention")
         self.embed_dim = mha.embed_dim
         self.num_heads = mha.num_heads
         self.head_dim = mha.embed_dim // mha.num_heads

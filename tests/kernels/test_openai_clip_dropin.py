@@ -24,6 +24,7 @@ from fastprompt.encoders import ImageEncoder, PromptAttention, TextEncoder
 from fastprompt.kernels import DecoupledAttention, swap_attention
 
 fused = sys.modules["fastprompt.kernels.decoupled_attention"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTH, LAYERS, CONTEXT, VOCAB, IMAGE, PATCH, EMBED = 128, 2, 16, 100, 32, 8, 64
 N_CTX, N_VIS = 2, 2
 PATCHES = (IMAGE // PATCH) ** 2
@@ -95,7 +96,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images, prompts=None, deep_prompts=()):
         x = self.conv1(images).flatten(2).permute(0, 2, 1)  # [B, patches, W]
-        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, WIDTH, dtype=x.dtype)
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, WIDTH, dtype=x.dtype, device=x.device)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         if prompts is not None:  # MaPLe: appended after the patches, before ln_pre
             x = torch.cat([x, prompts.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
@@ -130,13 +131,13 @@ class OpenAIStyleCLIP(nn.Module):
         x = (x + self.positional_embedding).permute(1, 0, 2)
         x = self.transformer(x, deep_prompts, prompt_start=1).permute(1, 0, 2)
         x = self.ln_final(x)
-        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+        return x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection
 
 
 @pytest.fixture(scope="module")
 def base_model():
     torch.manual_seed(7)
-    return OpenAIStyleCLIP().eval()
+    return OpenAIStyleCLIP().to(DEVICE).eval()
 
 
 def _inputs():
@@ -151,7 +152,8 @@ def _inputs():
         "vision": torch.randn(N_VIS, WIDTH, generator=g) * 0.02,
         "vision_deep": [torch.randn(N_VIS, WIDTH, generator=g) * 0.02 for _ in range(LAYERS - 1)],
     }
-    return images, text, prompts
+    prompts = {k: [t.to(DEVICE) for t in v] if isinstance(v, list) else v.to(DEVICE) for k, v in prompts.items()}
+    return images.to(DEVICE), text.to(DEVICE), prompts
 
 
 def _features_and_grads(model, images, text, prompts):
@@ -162,7 +164,7 @@ def _features_and_grads(model, images, text, prompts):
     txt = model.encode_text(text, leaves["text"], leaves["text_deep"])
     feats = torch.cat([img.flatten(), txt.flatten()])
     model.zero_grad()
-    (feats * torch.linspace(-1, 1, feats.numel())).sum().backward()
+    (feats * torch.linspace(-1, 1, feats.numel(), device=feats.device)).sum().backward()
     grads = [leaves["vision"].grad, *[t.grad for t in leaves["vision_deep"]], leaves["text"].grad,
              *[t.grad for t in leaves["text_deep"]], model.transformer.resblocks[0].attn.in_proj_weight.grad,
              model.visual.transformer.resblocks[1].attn.in_proj_weight.grad]
@@ -231,9 +233,9 @@ def test_every_calling_convention_of_the_blocks(base_model):
     the default need_weights=True: each gives the unswapped module's output, and weights None."""
     mha = copy.deepcopy(base_model.transformer.resblocks[0].attn)
     attn = DecoupledAttention(copy.deepcopy(mha), name="text.0.attn")
-    x = torch.randn(CONTEXT, 3, WIDTH)  # [N, B, E]
-    additive = OpenAIStyleCLIP.build_attention_mask()
-    boolean = torch.ones(CONTEXT, CONTEXT, dtype=torch.bool).triu(1)
+    x = torch.randn(CONTEXT, 3, WIDTH, device=DEVICE)  # [N, B, E]
+    additive = OpenAIStyleCLIP.build_attention_mask().to(DEVICE)
+    boolean = torch.ones(CONTEXT, CONTEXT, dtype=torch.bool, device=DEVICE).triu(1)
     want, _ = mha(x, x, x, need_weights=False, attn_mask=additive)
     calls = [
         lambda: attn(x, x, x, need_weights=False, attn_mask=additive),
@@ -253,7 +255,7 @@ def test_every_calling_convention_of_the_blocks(base_model):
 def test_what_the_kernel_cannot_compute_is_refused_naming_the_layer(base_model):
     model = copy.deepcopy(base_model)
     # A block that keeps a mask other than the causal one: refused when swapping, nothing replaced.
-    padding = torch.zeros(CONTEXT, CONTEXT)
+    padding = torch.zeros(CONTEXT, CONTEXT, device=DEVICE)
     padding[:, -3:] = float("-inf")
     model.transformer.resblocks[1].attn_mask = padding
     with pytest.raises(ValueError, match=r"^resblocks\.1\.attn: .*not the causal mask"):
@@ -266,9 +268,9 @@ def test_what_the_kernel_cannot_compute_is_refused_naming_the_layer(base_model):
     # A padding mask at call time: refused, naming the layer.
     names = swap_attention(model.visual.transformer.resblocks[1])
     attn = model.visual.transformer.resblocks[1].attn
-    x = torch.randn(5, 2, WIDTH)
+    x = torch.randn(5, 2, WIDTH, device=DEVICE)
     with pytest.raises(ValueError, match=r"^attn: key_padding_mask"):
-        attn(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+        attn(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device=DEVICE))
     assert names == ["attn"]
 
 
@@ -280,7 +282,7 @@ def _open_clip_twin(model: OpenAIStyleCLIP):
                                        layers=LAYERS)
     twin = open_clip.model.CLIP(embed_dim=EMBED, vision_cfg=vision, text_cfg=text, quick_gelu=True)
     twin.load_state_dict(model.state_dict(), strict=True)
-    return twin.eval()
+    return twin.to(DEVICE).eval()
 
 
 def test_dpl_rules_equal_fastprompts_own_encoders(base_model):
@@ -307,7 +309,7 @@ def test_dpl_rules_equal_fastprompts_own_encoders(base_model):
     txt = text_enc(embeddings, text.argmax(dim=-1), prompt_start=1, num_prompts=N_CTX,
                    deep_prompts=[None, *leaves["text_deep"]], attention=spec, truncate=False)
     want = torch.cat([img.flatten(), txt.flatten()])
-    (want * torch.linspace(-1, 1, want.numel())).sum().backward()
+    (want * torch.linspace(-1, 1, want.numel(), device=want.device)).sum().backward()
     want_grads = [leaves["vision"].grad, *[t.grad for t in leaves["vision_deep"]], leaves["text"].grad,
                   *[t.grad for t in leaves["text_deep"]]]
     assert _rel(feats, want.detach()) < 2e-5

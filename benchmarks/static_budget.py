@@ -67,11 +67,16 @@ CAT_HEAD_KERNELS = ("_loss_fwd_kernel", "_lse_merge_kernel", "_logit_grad_kernel
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _fa_head(H):
+    """(batch, head) of this program, int64."""
+    pid_bh = tl.program_id(0)
+    return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
 def fa_forward(Q, K, V, Out, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                H, N, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = _fa_head(H)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -101,16 +106,14 @@ def fa_forward(Q, K, V, Out, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, s
 def fa_dq(Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
           sgb, sgh, sgn, sgd, H, N, qk_scale, sm_scale,
           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = _fa_head(H)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = (offs_m < N)[:, None]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=m_ok, other=0.0)
     do = tl.load(DO + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd, mask=m_ok, other=0.0)
-    row = pid_bh.to(tl.int64) * N + offs_m
+    row = tl.program_id(0).to(tl.int64) * N + offs_m
     lse = tl.load(Lse + row, mask=offs_m < N, other=float("inf"))
     delta = tl.load(Delta + row, mask=offs_m < N, other=0.0)
     k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
@@ -132,9 +135,7 @@ def fa_dq(Q, K, V, DO, Lse, Delta, DQ, sqb, sqh, sqn, sqd, skb, skh, skn, skd, s
 def fa_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
             sgb, sgh, sgn, sgd, H, N, qk_scale, sm_scale,
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    b, h = _fa_head(H)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -143,7 +144,7 @@ def fa_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sqb, sqh, sqn, sqd, skb, skh, skn, 
     v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok, other=0.0)
     q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
     do_ptrs = DO + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd
-    row0 = pid_bh.to(tl.int64) * N
+    row0 = tl.program_id(0).to(tl.int64) * N
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for start_m in range(0, (N // BLOCK_M) * BLOCK_M, BLOCK_M):

@@ -190,10 +190,9 @@ def _mix_weights(lse_p, lse_x, is_p_row, h, ThetaX, ThetaP, c_x, c_p, MODE_X: tl
 
 
 @triton.jit
-def _load_rows(base, offs_r, offs_d, stride_r, stride_d, r_hi, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASK_ROWS: tl.constexpr):
-    """A [rows, BLOCK_D] tile; masks only what can be out of range (rows >= r_hi, d >= HEAD_DIM)."""
-    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+def _load_block(ptrs, offs_r, offs_d, r_hi, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A [rows, BLOCK_D] tile; masks only what can be out of range (rows >= r_hi, d >= HEAD_DIM).
+    Loops build `ptrs` once and advance them (as FlashAttention's inner loop does)."""
     if MASK_ROWS:
         return tl.load(ptrs, mask=(offs_r < r_hi)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     elif HEAD_DIM == BLOCK_D:
@@ -203,14 +202,11 @@ def _load_rows(base, offs_r, offs_d, stride_r, stride_d, r_hi, HEAD_DIM: tl.cons
 
 
 @triton.jit
-def _load_block(ptrs, offs_r, offs_d, r_hi, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """A tile from pointers advanced in a loop (built once outside it); masks as `_load_rows`."""
-    if MASK_ROWS:
-        return tl.load(ptrs, mask=(offs_r < r_hi)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+def _load_rows(base, offs_r, offs_d, stride_r, stride_d, r_hi, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """The tile of rows offs_r from a base pointer and strides (outside the loops)."""
+    return _load_block(base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, offs_r, offs_d, r_hi,
+                       HEAD_DIM, BLOCK_D, MASK_ROWS)
 
 
 @triton.jit

@@ -47,7 +47,7 @@ fp32 atomic tile per block and a non-deterministic summation order).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F

@@ -190,31 +190,44 @@ class _Recorder:
 
 
 @contextmanager
-def captured_launches():
+def target_device(arch: int):
+    """The launchers' device queries answer as a GPU of compute capability `arch` would."""
+    saved = [(mod, name, getattr(mod, name)) for mod, name in ((ch, "_sm_count"), (ch, "device_arch"),
+                                                               (da, "device_arch"))]
+    ch._sm_count = lambda device: SM_COUNT
+    ch.device_arch = da.device_arch = lambda device: arch
+    try:
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+@contextmanager
+def captured_launches(arch: int = 90):
     """Within the block, the fused kernels record their launches instead of running them."""
     sink: List[Launch] = []
     patched = [(mod, name, getattr(mod, name)) for mod, names in ((da, ATTENTION_KERNELS), (ch, CAT_HEAD_KERNELS))
                for name in names]
     for mod, name, fn in patched:
         setattr(mod, name, _Recorder(name, fn, sink))
-    sm_count = getattr(ch, "_sm_count", None)
-    ch._sm_count = lambda device: SM_COUNT
     try:
-        yield sink
+        with target_device(arch):
+            yield sink
     finally:
         for mod, name, fn in patched:
             setattr(mod, name, fn)
-        ch._sm_count = sm_count
 
 
-def expand_configs(launch: Launch) -> List[Tuple[object, dict, str]]:
-    """(JIT function, kwargs, config label) for each config the runtime may run for this launch."""
+def expand_configs(launch: Launch, arch: int = 90) -> List[Tuple[object, dict, str]]:
+    """(JIT function, kwargs, config label) for each config the runtime may run for this launch on `arch`."""
     fn = launch.fn
     if isinstance(fn, Autotuner):
         # The autotuner's own pruning, on the launch's own arguments.
         fn.nargs = dict(zip(fn.arg_names, launch.args))
         try:
-            configs = fn.prune_configs(launch.kwargs) if len(fn.configs) > 1 else fn.configs
+            with target_device(arch):
+                configs = fn.prune_configs(launch.kwargs) if len(fn.configs) > 1 else fn.configs
         finally:
             fn.nargs = None
         out = []
@@ -378,7 +391,7 @@ ATTENTION_SCENARIOS = [
 CI_ATTENTION = ("vision VPT-deep p=4, fixed/exact", "text p=4 see-all, exact/exact")
 
 
-def attention_launches(sc: AttentionScenario, dtype: torch.dtype) -> List[Launch]:
+def attention_launches(sc: AttentionScenario, dtype: torch.dtype, arch: int = 90) -> List[Launch]:
     """The forward and backward launches of one training step of the packed (module/encoder) op."""
     e = sc.heads * sc.head_dim
     lead = (sc.n, sc.batch) if sc.seq_first else (sc.batch, sc.n)
@@ -397,7 +410,7 @@ def attention_launches(sc: AttentionScenario, dtype: torch.dtype) -> List[Launch
         prompt_rows_see_all=sc.see_all, instance_mix=sc.instance_mix, prompt_mix=sc.prompt_mix,
         instance_weight=_weight(sc.instance_mix, sc.heads), prompt_weight=_weight(sc.prompt_mix, sc.heads),
         scale=None, path=path)
-    with captured_launches() as sink:
+    with captured_launches(arch) as sink:
         lse, o_minor = da._run_forward(q, k, v, out4, theta_x, theta_p, *scalars)
         da._run_backward(dout4, q, k, v, out4, lse, o_minor, dq, dk, dv, theta_x, theta_p, *scalars)
     return sink
@@ -442,7 +455,7 @@ CAT_HEAD_SCENARIOS = [
 CI_CAT_HEAD = ("B=256 C=1000 d=512", "B=4 C=50 d=512")
 
 
-def cat_head_launches(sc: CatHeadScenario, dtype: torch.dtype) -> List[Launch]:
+def cat_head_launches(sc: CatHeadScenario, dtype: torch.dtype, arch: int = 90) -> List[Launch]:
     """The launches of one loss forward + backward and one inference call."""
     b, c, d = sc.batch, sc.classes, sc.dim
     f_i = torch.empty(b, d, dtype=dtype)
@@ -451,7 +464,7 @@ def cat_head_launches(sc: CatHeadScenario, dtype: torch.dtype) -> List[Launch]:
     vecs = [torch.empty(d, dtype=dtype) for _ in range(4)]
     w, bias = torch.empty(c, d, dtype=dtype), torch.empty(c, dtype=dtype)
     scale_t = torch.empty((), dtype=torch.float32)
-    with captured_launches() as sink:
+    with captured_launches(arch) as sink:
         _, lse, inv_ni, inv_nt = ch._launch_loss_forward(f_i, f_t, labels, *vecs, w, bias, scale_t, 0.0, 0.7)
         ch._launch_loss_backward(torch.ones(()), f_i, f_t, labels, *vecs, w, bias, scale_t, 0.0, 0.7, lse, inv_ni,
                                  inv_nt)
@@ -514,14 +527,14 @@ def collect(full: bool, jobs: int = 2, ops=("attention", "cat_head")) -> List[Ro
             for sc in ATTENTION_SCENARIOS if "attention" in ops else ():
                 if not full and sc.name not in CI_ATTENTION:
                     continue
-                for launch in attention_launches(sc, dtype):
-                    for jit, kw, _ in expand_configs(launch):
+                for launch in attention_launches(sc, dtype, arch):
+                    for jit, kw, _ in expand_configs(launch, arch):
                         work.append(("attention", sc, launch, dt, arch, jit, kw))
             for sc in CAT_HEAD_SCENARIOS if "cat_head" in ops else ():
                 if not full and sc.name not in CI_CAT_HEAD:
                     continue
-                for launch in cat_head_launches(sc, dtype):
-                    for jit, kw, _ in expand_configs(launch):
+                for launch in cat_head_launches(sc, dtype, arch):
+                    for jit, kw, _ in expand_configs(launch, arch):
                         work.append(("cat_head", sc, launch, dt, arch, jit, kw))
 
     def one(item):

@@ -44,7 +44,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .validation import check_cat_head_args, check_cat_head_values, check_triton_device, triton_interpreter_enabled
+from .validation import (check_cat_head_args, check_cat_head_values, check_triton_device, device_arch,
+                         triton_interpreter_enabled)
 
 try:
     import triton
@@ -92,7 +93,7 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, dtype: torch.dtype) -> BlockSizes:
+def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, dtype: torch.dtype, arch: int = 90) -> BlockSizes:
     if FORCE_BLOCKS is not None:
         return FORCE_BLOCKS
     if triton_interpreter_enabled():
@@ -102,18 +103,19 @@ def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, dtype: torch.dtype)
                               splits=1, class_splits=1)
         return BlockSizes(_pow2_clamp(b, 16, 64), _pow2_clamp(c, 16, 128), _pow2_clamp(d, 16, 128),
                           splits=1, class_splits=1)
-    # GPU: tiles with no register spill in any of the six kernels, for sm_90 and sm_80
+    # GPU: tiles with no register spill in any of the six kernels, per architecture
     # (tests/kernels/test_static_budget.py holds this; benchmarks/results/static_budget.md lists them).
     # From B = 64 rows the row-side tiles are 64 rows tall, so Hopper's wgmma (M = 64 per
-    # warpgroup) runs them; the class kernel's M side is the classes. The 3-D per-row text tile
-    # [rows, classes, features] is the heaviest; fp32 operands cost more registers than fp16/bf16.
+    # warpgroup) runs them; the class kernel's M side is the classes. Ampere's mma.sync keeps more
+    # of a tile in registers: 32 classes per tile there. The 3-D per-row text tile [rows, classes,
+    # features] is the heaviest; fp32 operands ("ieee" dots) cost the most registers.
     if per_row_text:
         return BlockSizes(16, 16, 16, num_warps=8)
     if dtype == torch.float32:
-        return BlockSizes(64 if b >= 64 else 16, 32, 32, num_warps=8)
-    if b >= 64:
-        return BlockSizes(64, 64, 64, num_warps=8)
-    return BlockSizes(16, 64, 64, num_warps=8)
+        return BlockSizes(16, 32, 32, num_warps=8)
+    if b < 64:
+        return BlockSizes(16, 64, 64, num_warps=8)
+    return BlockSizes(64, 64 if arch >= 90 else 32, 64, num_warps=8)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -759,7 +761,7 @@ def _launch_loss_forward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t,
     b, d = f_i.shape
     c = w.shape[0]
     per_row = f_t.ndim == 3
-    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype)
+    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype, device_arch(f_i.device))
     dev = f_i.device
     loss = torch.empty((), device=dev, dtype=torch.float32)
     lse = torch.empty(3, b, device=dev, dtype=torch.float32)
@@ -794,7 +796,7 @@ def _launch_loss_backward(grad, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, s
     c = w.shape[0]
     per_row = f_t.ndim == 3
     dev = f_i.device
-    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype)
+    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype, device_arch(f_i.device))
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
     dot, n_dtype, precision = _dot_types(f_i.dtype)
     common = dict(PER_ROW_TEXT=per_row, ITM=lam < 1.0, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
@@ -848,7 +850,7 @@ def _launch_logits(f_i, f_t, g_i, b_i, w, bias, scale_t, scale_f, lam, fuse):
     b, d = f_i.shape
     c = w.shape[0]
     per_row = f_t.ndim == 3
-    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype)
+    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype, device_arch(f_i.device))
     out = torch.empty(b, c, device=f_i.device, dtype=torch.float32)
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
     dot, _, precision = _dot_types(f_i.dtype)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .validation import check_decoupled_attention_args, check_triton_runnable, triton_interpreter_enabled
+from .validation import check_decoupled_attention_args, check_triton_runnable, device_arch, triton_interpreter_enabled
 
 __all__ = ["decoupled_attention", "decoupled_attention_qkv", "attention_path", "MIX_MODES", "INTERPRETED"]
 
@@ -78,18 +78,21 @@ _LOG2E = 1.4426950408889634
 # Launch configurations and autotuning
 # ----------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, warps, stages) per kernel. Every config compiles for sm_90 and sm_80 with no
-# register spill at the CLIP shapes (tests/kernels/test_static_budget.py holds this; the table is
-# benchmarks/results/static_budget.md). fp16/bf16 and fp32 have their own sets: fp32 inputs run
-# 3xTF32 tensor-core dots (about fp32's accuracy), whose split operands need smaller tiles.
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel. Every config the pruning lets run on an
+# architecture compiles there with no register spill at the CLIP shapes, for sm_90 and sm_80
+# (tests/kernels/test_static_budget.py holds this; the table is benchmarks/results/static_budget.md).
+# fp16/bf16 and fp32 have their own sets: fp32 inputs run 3xTF32 tensor-core dots (about fp32's
+# accuracy), whose split operands need smaller tiles. Ampere's mma.sync keeps more of a tile in
+# registers than Hopper's wgmma: the larger half-precision backward tiles are Hopper-only.
 HALF_SHAPES = {
     "fwd": ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 2, 3)),
     "dq": ((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3)),
     "dkdv": ((64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 32, 2, 3)),
 }
+HOPPER_ONLY = {"fwd": (), "dq": ((128, 64, 8, 2), (64, 64, 4, 2)), "dkdv": ((64, 128, 8, 2), (64, 64, 4, 2))}
 FP32_SHAPES = {
-    "fwd": ((64, 32, 4, 2), (32, 32, 2, 3)),
-    "dq": ((16, 32, 4, 1), (16, 64, 4, 1)),
+    "fwd": ((32, 32, 4, 2), (32, 32, 2, 2), (16, 64, 4, 1)),
+    "dq": ((16, 32, 4, 2), (16, 16, 2, 1)),
     "dkdv": ((16, 32, 4, 1), (32, 16, 4, 1), (64, 16, 4, 1)),
 }
 
@@ -115,10 +118,17 @@ def n_bucket(n: int) -> int:
     return max(64, triton.cdiv(n, 64) * 64)
 
 
-def prune_configs(kind: str, configs, n: int, dtype: torch.dtype):
-    """The configs the autotuner tries for one call: the dtype family's set, no tile taller or wider
-    than the bucketed sequence (at least the smallest config survives)."""
-    family = FP32_SHAPES[kind] if dtype == torch.float32 else HALF_SHAPES[kind]
+def config_shapes(kind: str, dtype: torch.dtype, arch: int):
+    """The (BLOCK_M, BLOCK_N, warps, stages) a kernel may run for a dtype on an architecture."""
+    if dtype == torch.float32:
+        return FP32_SHAPES[kind]
+    return tuple(s for s in HALF_SHAPES[kind] if arch >= 90 or s not in HOPPER_ONLY[kind])
+
+
+def prune_configs(kind: str, configs, n: int, dtype: torch.dtype, arch: int = 90):
+    """The configs the autotuner tries for one call: the dtype and architecture's set, no tile taller
+    or wider than the bucketed sequence (at least the smallest config survives)."""
+    family = config_shapes(kind, dtype, arch)
     bucket = n_bucket(n)
     mine = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family]
     if not mine:  # the interpreter's single config
@@ -129,7 +139,8 @@ def prune_configs(kind: str, configs, n: int, dtype: torch.dtype):
 
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
-        return prune_configs(kind, configs, named_args["N"], named_args["Q"].dtype)
+        q = named_args["Q"]
+        return prune_configs(kind, configs, named_args["N"], q.dtype, device_arch(q.device))
     return {"early_config_prune": prune}
 
 

@@ -261,6 +261,15 @@ def check_triton_device(op: str, fallback: str, **tensors: torch.Tensor) -> None
     )
 
 
+def device_arch(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (90: H100/H200, 80: A100): the kernels' tile choice
+    depends on it. 90 off CUDA (the interpreter runs its own small tiles anyway)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,11 +80,11 @@ def test_committed_table_covers_the_current_configs():
     rows = table["rows"]
     assert rows and all(r["spill_bytes"] == 0 for r in rows)
     names = {"fwd": "_forward_kernel", "dq": "_backward_dq_kernel", "dkdv": "_backward_dkdv_kernel"}
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for kind, kernel in names.items():
-        for family, dtypes in ((fused.HALF_SHAPES, ("bf16", "fp16")), (fused.FP32_SHAPES, ("fp32",))):
-            for bm, bn, warps, stages in family[kind]:
-                for dtype in dtypes:
-                    for arch in (80, 90):
-                        found = [r for r in rows if r["kernel"] == kernel and r["dtype"] == dtype and r["arch"] == arch
-                                 and r["config"].startswith(f"{bm}x{bn}x") and r["config"].endswith(f"/w{warps}/s{stages}")]
-                        assert found, f"{kernel} {bm}x{bn}/w{warps}/s{stages} {dtype} sm_{arch} is not in {COMMITTED.name}"
+        for dtype, torch_dtype in dtypes.items():
+            for arch in (80, 90):
+                for bm, bn, warps, stages in fused.config_shapes(kind, torch_dtype, arch):
+                    found = [r for r in rows if r["kernel"] == kernel and r["dtype"] == dtype and r["arch"] == arch
+                             and r["config"].startswith(f"{bm}x{bn}x") and r["config"].endswith(f"/w{warps}/s{stages}")]
+                    assert found, f"{kernel} {bm}x{bn}/w{warps}/s{stages} {dtype} sm_{arch} is not in {COMMITTED.name}"

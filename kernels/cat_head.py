@@ -107,15 +107,17 @@ def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, dtype: torch.dtype,
     # (tests/kernels/test_static_budget.py holds this; benchmarks/results/static_budget.md lists them).
     # From B = 64 rows the row-side tiles are 64 rows tall, so Hopper's wgmma (M = 64 per
     # warpgroup) runs them; the class kernel's M side is the classes. Ampere's mma.sync keeps more
-    # of a tile in registers: 32 classes per tile there. The 3-D per-row text tile [rows, classes,
-    # features] is the heaviest; fp32 operands ("ieee" dots) cost the most registers.
+    # of a tile in registers: 32 classes x 32 features per tile there. The 3-D per-row text tile
+    # [rows, classes, features] is the heaviest; fp32 operands ("ieee" dots) cost the most registers.
     if per_row_text:
         return BlockSizes(16, 16, 16, num_warps=8)
     if dtype == torch.float32:
         return BlockSizes(16, 32, 32, num_warps=8)
     if b < 64:
         return BlockSizes(16, 64, 64, num_warps=8)
-    return BlockSizes(64, 64 if arch >= 90 else 32, 64, num_warps=8)
+    if arch >= 90:
+        return BlockSizes(64, 64, 64, num_warps=8)
+    return BlockSizes(64, 32, 32, num_warps=8)
 
 
 def _sm_count(device: torch.device) -> int:

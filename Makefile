@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Pinned pair: this torch/torchvision combination imports cleanly together (see shared STACK.md).
+# Pinned pair: this torch/torchvision combination imports cleanly together (torch 2.13 with PyPI's torchvision fails to import).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 

@@ -43,7 +43,7 @@ def test_train_step(benchmark, method, batch, classes, style):
         for _ in range(cycle):  # warm-up: kernels chosen, loader workers started
             stepper.step()
     except RuntimeError as err:
-        if bench._is_oom(err):
+        if bench.is_oom(err):
             pytest.skip(f"{style} path out of memory at batch {batch}, {classes} classes")
         raise
 
@@ -60,4 +60,4 @@ def test_train_step(benchmark, method, batch, classes, style):
     loss = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     assert torch.isfinite(loss)  # the timed steps really trained on a finite loss
     del stepper
-    bench._reset_memory(DEVICE)
+    bench.reset_memory(DEVICE)

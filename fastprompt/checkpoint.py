@@ -35,11 +35,10 @@ from safetensors.torch import save as st_save
 
 from .atomic_io import atomic_write_bytes
 from .atomic_io import fsync_dir as _fsync_dir
+from .errors import CheckpointError
 
 __all__ = [
     "Checkpoint",
-    "CheckpointError",
-    "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint_dir",
@@ -51,10 +50,6 @@ MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
 STATE_FILE = "state.json"
 LATEST_FILE = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or tampered with; the message names the file."""
 
 
 _fault_hits: dict[str, int] = {}

@@ -1,4 +1,9 @@
-"""The `fastprompt` command: train | eval | report | demo."""
+"""The `fastprompt` command: train | eval | report | sweep | config | demo | bench.
+
+Each command parses its arguments here and calls the library (fastprompt.api, .report, .sweep,
+.demo, .bench). A FastpromptError is the user's to fix: printed as one line, exit code 2. Anything
+else is a bug and keeps its traceback. Every command is described in docs/cli.md.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse_args"]
 
 OVERRIDES_HELP = (
     "config overrides as key.sub=value, e.g. optim.lr=0.002 data.seeds=[1,2] method.options.n_ctx=4 "
@@ -14,9 +19,12 @@ OVERRIDES_HELP = (
 )
 
 CONFIG_KEYS_HELP = """\
-config sections and keys (configs/*.yaml set them; override any with key.sub=value):
-  model.name            open_clip model (ViT-B-16, ...; fastprompt-tiny for tests)
-  model.pretrained      open_clip tag (openai), a local checkpoint file, or null for random weights
+config sections and keys (docs/configs.md; the layers and configs/*.yaml set them; override any with key.sub=value):
+  model.name            open_clip model (ViT-B-16-quickgelu, ...; fastprompt-tiny for tests). OpenAI's
+                        weights need QuickGELU: the `openai` tag and OpenAI's .pt archives build it
+                        under any name; a state-dict file of OpenAI weights needs a *-quickgelu name
+  model.pretrained      open_clip tag (openai), a local OpenAI archive (~/.cache/clip/ViT-B-16.pt),
+                        a local open_clip state-dict file, or null for random weights
   model.dtype           fp32 | bf16 | fp16 storage of the frozen CLIP
   method.name           zsclip coop cocoop kgcoop maple dpl, each also as dept+<name>
   method.options.*      the method's options (n_ctx, ctx_init, lam, ...; see method_defaults)
@@ -45,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastprompt",
         description="Fast prompt tuning of CLIP models (CoOp, CoCoOp, KgCoOp, MaPLe, DPL, DePT).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `fastprompt demo` for a complete run on the CPU in under a minute; `fastprompt COMMAND --help` for details.",
+        epilog="Run `fastprompt demo` for a complete run on the CPU in under a minute; `fastprompt COMMAND --help` for "
+               "details; the documentation is docs/index.md (docs/cli.md for the commands).",
     )
     parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "report.md and chart.png in output_dir.",
         epilog=CONFIG_KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("config", help="YAML config file, e.g. configs/base2new/dept_coop.yaml")
+    train.add_argument("config", nargs="?", metavar="CONFIG",
+                       help="a YAML config file (e.g. configs/base2new/dept_coop.yaml, or one `fastprompt config` "
+                            "wrote); or compose the published settings with --protocol/--method instead")
+    _add_layers(train, method_required=False)
     train.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     train.add_argument("--overwrite", action="store_true",
                        help="train from scratch even if output_dir holds an earlier run (its checkpoints and "
@@ -86,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser(
         "sweep", help="every (method, dataset, seed) of a protocol: skips finished runs, resumes interrupted ones",
         description="Run every (method, dataset, seed) that SWEEP.yaml lists (protocol, methods, datasets, seeds, "
-                    "overrides, output_dir, report_dir; see fastprompt/sweep.py). Finished seeds are skipped, "
+                    "overrides, output_dir, report_dir; see docs/training.md). Finished seeds are skipped, "
                     "interrupted ones resume from their checkpoint; then each run folder gets results.json and "
                     "the sweep one report.md/chart.png. Rerun the same command after any failure.",
     )
@@ -96,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print one `fastprompt train ... --resume` line per (method, dataset, seed) for a "
                             "scheduler (e.g. a Slurm array) instead of running; rerun the sweep afterwards to "
                             "aggregate (finished runs are skipped)")
+
+    config = sub.add_parser(
+        "config", help="print the config the layers compose (protocol x method x dataset, overrides) as YAML",
+        description="Print the published settings of METHOD under PROTOCOL (and DATASET, and key=value overrides) "
+                    "as a commented YAML file: what `fastprompt train --protocol P --method M ...` runs. Save it "
+                    "to edit it, then `fastprompt train FILE`. The files in the repository's configs/ are this "
+                    "output.", epilog=CONFIG_KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_layers(config, method_required=True)
+    config.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     demo = sub.add_parser(
         "demo", help="a complete base-to-new run (DePT + CoOp) on bundled digits with a tiny random CLIP, on CPU",
@@ -113,9 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="training throughput: fastprompt vs the official-style path",
                            description="`bench train` measures; `bench report RESULT.json` redraws its chart.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    from .bench import build_parser as bench_train_parser
-
-    bench_train_parser(bench_sub.add_parser(
+    _add_bench_train(bench_sub.add_parser(
         "train", help="images/s, step breakdown, peak memory, MFU per method/batch/classes, both styles",
         description="Benchmark training steps of every method in fastprompt's style and the official style "
                     "(fp16 eager, 77-token text, CPU augmentation); JSON and PNG to --out. --smoke runs in seconds on CPU."))
@@ -123,6 +142,88 @@ def build_parser() -> argparse.ArgumentParser:
     bench_report.add_argument("result", help="a JSON written by `fastprompt bench train`")
     bench_report.add_argument("--out", default=None, help="PNG path (default: next to the JSON)")
     return parser
+
+
+def _add_layers(p: argparse.ArgumentParser, *, method_required: bool) -> None:
+    """--protocol / --method / --dataset: the layers a config is composed of (fastprompt.config.compose)."""
+    from .config import method_names, protocol_names
+
+    p.add_argument("--protocol", choices=protocol_names(), default=None,
+                   help="the protocol's layer (default base2new)")
+    p.add_argument("--method", required=method_required, default=None, metavar="METHOD",
+                   help="the method's layers: " + " ".join(method_names()))
+    p.add_argument("--dataset", default=None, help="data.dataset (cross_dataset and domain_generalisation: the "
+                                                   "source; default: the protocol's)")
+
+
+def _split_config(args) -> tuple[str | None, list[str]]:
+    """CONFIG and the overrides; `train key=value ...` with no CONFIG puts the first override in CONFIG."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
+def _train_config(args):
+    """A CONFIG file, or the layers --protocol/--method/--dataset, then the overrides."""
+    from .config import compose_config, load_config
+    from .errors import ConfigError
+
+    config, overrides = _split_config(args)
+    if config is not None:
+        if args.protocol or args.method or args.dataset:
+            raise ConfigError("give a CONFIG file or --protocol/--method/--dataset, not both; change single keys of "
+                              "a file with key=value (e.g. data.dataset=dtd)")
+        return load_config(config, overrides)
+    if args.method is None:
+        raise ConfigError("name what to train: --method METHOD (and --protocol, default base2new), or a CONFIG file "
+                          "(see docs/configs.md)")
+    return compose_config(args.protocol or "base2new", args.method, dataset=args.dataset, overrides=overrides)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_bench_train(p: argparse.ArgumentParser) -> None:
+    """The options of `fastprompt bench train` (fastprompt.bench.BenchOptions)."""
+    from .bench import STYLES
+
+    p.add_argument("--smoke", action="store_true", help="CPU smoke mode: fastprompt-tiny, 2 steps, coop and dept+coop")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and the PNG chart")
+    p.add_argument("--model", default=None, help="open_clip model (default ViT-B-16; smoke: fastprompt-tiny)")
+    p.add_argument("--methods", nargs="+", default=None, help="methods (default: all five, each with and without dept+)")
+    p.add_argument("--batches", nargs="+", type=_positive_int, default=None, help="batch sizes (default 4 32 128)")
+    p.add_argument("--classes", nargs="+", type=_positive_int, default=None, help="class counts (default 50 500 1000)")
+    p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES),
+                   help="what to measure (default both; `--style official` alone: the baseline only)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="measured steps per configuration")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="measured passes per configuration, the median reported (default 3; smoke 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="fast path: torch.compile the encoder trunks (dynamic class count) for the images/s pass")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile on a GPU: replay the compiled trunks as CUDA graphs (launch-bound steps)")
+    p.add_argument("--text-chunk-size", type=_positive_int, default=None, help="fast path: prompts per text-encoder chunk")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-steps", action="store_true", help="skip the per-step grid (with --run / --max-batch)")
+    p.add_argument("--run", nargs="*", default=None, metavar="METHOD",
+                   help="also time whole base-to-new runs of these methods in both styles (default dept+coop dept+maple)")
+    p.add_argument("--run-classes", type=_positive_int, default=None, help="base classes of the whole run (default 500; smoke 3)")
+    p.add_argument("--run-shots", type=_positive_int, default=None, help="shots per class (default 16; smoke 2)")
+    p.add_argument("--run-epochs", type=_positive_int, default=None, help="epochs (default 10; smoke 1)")
+    p.add_argument("--run-test-per-class", type=_positive_int, default=None, help="test images per class (default 50; smoke 2)")
+    p.add_argument("--max-batch", nargs="*", default=None, metavar="METHOD",
+                   help="largest batch that fits, both styles, at the largest class count (GPU)")
+    p.add_argument("--vision-mfu", nargs="*", default=None, metavar="METHOD",
+                   help="MFU of the prompted image encoder's forward+backward alone at the largest batch "
+                        "(default maple dpl)")
 
 
 def _print_summary(results: dict, out: Path) -> None:
@@ -138,46 +239,20 @@ def _print_summary(results: dict, out: Path) -> None:
 
 
 def _train(args) -> None:
-    from .config import load_config
-    from .evaluate import run_protocol
+    from . import api, distributed
 
-    from . import distributed
-
-    cfg = load_config(args.config, args.overrides)
-    if not (args.resume or args.overwrite):
-        _refuse_earlier_run(Path(cfg.output_dir))
-    distributed.init_from_env(cfg.train.device)
-    results = run_protocol(cfg, resume=args.resume)
+    cfg = _train_config(args)
+    results = api.train(cfg, resume=args.resume, overwrite=args.overwrite)
     if distributed.is_main():
         _print_summary(results, Path(cfg.output_dir))
-
-
-def _refuse_earlier_run(out: Path) -> None:
-    """A plain `train` must not silently replace a run that is already there (nothing written is lost)."""
-    from .config import ConfigError
-
-    found = [p for p in (out / "results.json", *out.glob("**/checkpoints/latest")) if p.is_file()] if out.is_dir() else []
-    if found:
-        raise ConfigError(
-            f"output_dir {out} already holds a run ({found[0]}); continue it with --resume, train elsewhere with "
-            "output_dir=..., or start it again with --overwrite"
-        )
 
 
 def _eval(args) -> None:
-    from .config import ConfigError, load_config
-    from .evaluate import run_protocol
+    from . import api, distributed
 
-    config = Path(args.run_dir) / "config.yaml"
-    if not config.is_file():
-        raise ConfigError(f"{args.run_dir} is not a run folder (no config.yaml); pass the output_dir of a train run")
-    cfg = load_config(config, [f"output_dir={args.run_dir}", *args.overrides])
-    from . import distributed
-
-    distributed.init_from_env(cfg.train.device)
-    results = run_protocol(cfg, train=False)
+    results = api.evaluate(args.run_dir, args.overrides)
     if distributed.is_main():
-        _print_summary(results, Path(cfg.output_dir))
+        _print_summary(results, Path(args.run_dir))
 
 
 def _report(args) -> None:
@@ -189,12 +264,16 @@ def _report(args) -> None:
 
 
 def _bench(args) -> None:
-    from .bench import main as bench_train, report_main
+    import dataclasses
+
+    from .bench import BenchOptions, redraw, run_bench
 
     if args.bench_command == "train":
-        bench_train(args=args)
+        run_bench(BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)}))
     else:
-        report_main(args.result, args.out)
+        table, chart = redraw(args.result, args.out)
+        print(table)
+        print(f"wrote {chart}")
 
 
 def _sweep(args) -> None:
@@ -220,28 +299,42 @@ def _sweep(args) -> None:
           f"finished; report {md}")
 
 
+def _config(args) -> None:
+    from .config.published import published_text
+
+    print(published_text(args.protocol or "base2new", args.method, dataset=args.dataset, overrides=args.overrides),
+          end="")
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.output_dir, args.overrides, fast=args.fast)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `key=value` overrides may also stand after options (argparse alone would
+    take them only before the first option that follows CONFIG)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-
+    args = parse_args(argv)
     from . import distributed
-    from .train import TrainingInterrupted
+    from .errors import FastpromptError
+    from .training import TrainingInterrupted
 
-    # FloatingPointError: the loss diverged; the message says what to change. ValueError covers
-    # the data layer's DatasetError.
-    expected = (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError)
     handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
-               "sweep": _sweep}[args.command]
+               "sweep": _sweep, "config": _config}[args.command]
     try:
         handler(args)
-    except expected as exc:  # the user's input: say what is wrong, no traceback
+    except FastpromptError as exc:  # the user's input: say what is wrong, no traceback; a bug keeps its traceback
         if args.traceback or os.environ.get("FASTPROMPT_TRACEBACK"):
             raise
         where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""

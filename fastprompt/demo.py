@@ -51,7 +51,7 @@ def _size(path: Path) -> str:
 def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fast: bool = False,
              say=print) -> dict:
     from .data import write_digits_imagefolder
-    from .evaluate import run_protocol
+    from .protocols import run_protocol
     from .report import markdown_table, write_report
 
     import torch
@@ -92,9 +92,10 @@ def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fa
     say("NOTE: the CLIP weights here are random, so these accuracies only show that the pipeline works end")
     say("to end (chance is 20% on 5 classes); they say nothing about DePT or CoOp. For real results, use")
     say("pretrained weights and a real dataset, e.g.:")
-    say("  fastprompt train configs/base2new/dept_coop.yaml model.pretrained=openai \\")
-    say("      data.root=/path/to/data data.dataset=caltech101")
+    say("  fastprompt train --protocol base2new --method dept+coop --dataset caltech101 \\")
+    say("      model.pretrained=openai data.root=/path/to/data")
     say("(model.pretrained takes an open_clip tag or a local checkpoint file; data.root the CoOp layout,")
-    say(" or data.dataset=imagefolder with data.root=/path/to/tree/{train,val,test}/<class>/*.jpg)")
+    say(" or data.dataset=imagefolder with data.root=/path/to/tree/{train,val,test}/<class>/*.jpg;")
+    say(" see docs/index.md)")
     results["demo_wall_seconds"] = round(wall, 1)
     return results

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = [
     "init_from_env",
     "teardown",
@@ -52,7 +54,7 @@ def _env_int(name: str) -> Optional[int]:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} must be an integer (torchrun sets it)") from None
+        raise ConfigError(f"environment variable {name}={raw!r} must be an integer (torchrun sets it)") from None
 
 
 def init_from_env(device_name: str = "auto") -> bool:
@@ -70,7 +72,7 @@ def init_from_env(device_name: str = "auto") -> bool:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun, e.g. "
+        raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun, e.g. "
                          "torchrun --nproc_per_node 2 -m fastprompt train CONFIG")
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
@@ -143,7 +145,7 @@ def local_slice(global_batch: int) -> slice:
     """This rank's contiguous part of a global batch of `global_batch` samples."""
     world = world_size()
     if global_batch % world:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size: the global batch of {global_batch} images does not split evenly over {world} "
             f"processes; use a multiple of {world} (e.g. train.batch_size={max(world, global_batch // world * world)})"
         )

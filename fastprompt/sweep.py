@@ -1,9 +1,11 @@
 """`fastprompt sweep SWEEP.yaml`: every (method, dataset, seed) of a protocol, restartable.
 
-A sweep file names the runs; the configs they use are the published ones (configs/<protocol>/
-<method>.yaml) or one `config` for all methods:
+A sweep file names the runs; each run's config is composed from the layers fastprompt ships
+(protocol x method x dataset, as `fastprompt train --protocol P --method M --dataset D`), unless the
+file names one `config` for all methods or a `configs_dir` of <protocol>/<method>.yaml files
+(docs/training.md):
 
-    protocol: base2new                   # picks configs/base2new/<method>.yaml
+    protocol: base2new                   # the protocol's layer
     methods: [dept+coop, coop]           # method.name values
     datasets: [caltech101, dtd]
     seeds: [1, 2, 3]
@@ -11,7 +13,7 @@ A sweep file names the runs; the configs they use are the published ones (config
     output_dir: runs/sweep/{protocol}/{method}/{dataset}   # optional; one folder per (method, dataset)
     report_dir: runs/sweep/{protocol}    # optional; where report.md and chart.png go
     # config: configs/demo.yaml          # optional: one config for every method (method.name set per run)
-    # configs_dir: configs               # optional: where <protocol>/<method>.yaml are looked up
+    # configs_dir: configs               # optional: <protocol>/<method>.yaml files instead of the layers
 
 Running it trains what is missing: a seed whose result.json is complete is skipped, a seed with a
 checkpoint resumes from it (the config must be unchanged), the rest start fresh; then each
@@ -23,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import os
 import shlex
 import string
@@ -34,11 +34,13 @@ from typing import Callable, Optional
 
 import yaml
 
-from .config import Config, ConfigError, load_config, save_config
+from . import distributed
+from .config import Config, ConfigError, compose_config, load_config
+from .protocols import run_protocol, silent
+from .report import write_report
+from .run_folder import RunFolder
 
-__all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "finished_result", "report_folder"]
-
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+__all__ = ["Sweep", "SweepRun", "load_sweep", "expand", "emit_commands", "run_sweep", "report_folder"]
 
 
 @dataclass
@@ -57,22 +59,28 @@ class Sweep:
 
 @dataclass
 class SweepRun:
-    """One (method, dataset) folder and the seeds it holds; `command(seed)` trains one seed."""
+    """One (method, dataset) folder and the seeds it holds; `command(seed)` trains one seed.
+    Its config comes from `config_path`, or (None) from the layers of (protocol, method)."""
 
+    protocol: str
     method: str
     dataset: str
     seeds: list[int]
-    config_path: Path
+    config_path: Optional[Path]
     overrides: list[str]
     output_dir: str
 
     def config(self, seeds: Optional[list[int]] = None) -> Config:
         seeds = self.seeds if seeds is None else seeds
-        return load_config(self.config_path, [*self.overrides, f"data.seeds={list(seeds)}"])
+        overrides = [*self.overrides, f"data.seeds={list(seeds)}"]
+        if self.config_path is None:
+            return compose_config(self.protocol, self.method, overrides=overrides)
+        return load_config(self.config_path, overrides)
 
     def command(self, seed: int) -> str:
-        args = ["fastprompt", "train", str(self.config_path.resolve()), *self.overrides, f"data.seeds=[{seed}]", "--resume"]
-        return shlex.join(args)
+        source = ([str(self.config_path.resolve())] if self.config_path is not None
+                  else ["--protocol", self.protocol, "--method", self.method])
+        return shlex.join(["fastprompt", "train", *source, *self.overrides, f"data.seeds=[{seed}]", "--resume"])
 
 
 _FIELDS = {f.name for f in dataclasses.fields(Sweep)} - {"path"}
@@ -164,23 +172,25 @@ def _relative(sweep: Sweep, name: str) -> Path:
     return p if p.is_absolute() or p.exists() else sweep.path.parent / p
 
 
-def _method_config(sweep: Sweep, method: str) -> Path:
+def _method_config(sweep: Sweep, method: str) -> Optional[Path]:
+    """The config file of `method`'s runs; None: composed from the shipped layers."""
     if sweep.config:
         path = _relative(sweep, sweep.config)
         if not path.is_file():
             raise ConfigError(f"{sweep.path}: config {sweep.config} not found")
         return path
-    roots = [_relative(sweep, sweep.configs_dir)] if sweep.configs_dir else [Path("configs"), PACKAGE_CONFIGS]
-    for root in roots:
-        path = root / sweep.protocol / f"{method.replace('+', '_')}.yaml"
-        if path.is_file():
-            return path
-    folder = roots[0] / sweep.protocol
+    if not sweep.configs_dir:
+        return None
+    folder = _relative(sweep, sweep.configs_dir) / sweep.protocol
+    path = folder / f"{method.replace('+', '_')}.yaml"
+    if path.is_file():
+        return path
     known = sorted(p.stem.replace("_", "+", 1) if p.stem.startswith("dept_") else p.stem
                    for p in folder.glob("*.yaml")) if folder.is_dir() else []
     raise ConfigError(f"{sweep.path}: no config for method '{method}' under {folder}"
                       + (f" (there: {', '.join(known)})" if known else "")
-                      + "; set 'config: FILE' for one config for all methods, or 'configs_dir'")
+                      + "; set 'config: FILE' for one config for all methods, or leave out 'configs_dir' to "
+                        "use the shipped layers")
 
 
 def expand(sweep: Sweep) -> list[SweepRun]:
@@ -189,10 +199,11 @@ def expand(sweep: Sweep) -> list[SweepRun]:
     for method in sweep.methods:
         config_path = _method_config(sweep, method)
         for dataset in sweep.datasets:
-            overrides = [*sweep.overrides, f"method.name={method}", f"data.dataset={dataset}",
-                         f"protocol.name={sweep.protocol}", f"output_dir={sweep.output_dir}"]
-            run = SweepRun(method=method, dataset=dataset, seeds=list(sweep.seeds), config_path=config_path,
-                           overrides=overrides, output_dir="")
+            # A config file is told the method and protocol; the layers are made of them.
+            chosen = [f"method.name={method}", f"protocol.name={sweep.protocol}"] if config_path is not None else []
+            overrides = [*sweep.overrides, *chosen, f"data.dataset={dataset}", f"output_dir={sweep.output_dir}"]
+            run = SweepRun(protocol=sweep.protocol, method=method, dataset=dataset, seeds=list(sweep.seeds),
+                           config_path=config_path, overrides=overrides, output_dir="")
             cfg = run.config()  # a bad override or value fails here, before anything runs
             run.output_dir = cfg.output_dir
             # Pin the folder: placeholders are filled once, so every seed's command writes the same place.
@@ -211,87 +222,27 @@ def emit_commands(sweep: Sweep) -> list[str]:
     return [run.command(seed) for run in expand(sweep) for seed in run.seeds]
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def finished_result(run_dir: Path, seed: int, keys: tuple[str, ...], cfg: Config) -> Optional[dict]:
-    """run_dir/result.json when it is complete for `seed` (every key present, numbers finite), else None.
-
-    A finished run whose checkpoint was trained with different settings is an error, not a skip:
-    reusing it would mix two configurations in one table.
-    """
-    path = Path(run_dir) / "result.json"
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(result, dict) or result.get("seed") != seed:
-        return None
-    for key in keys:
-        value = result.get(key)
-        if key == "targets":
-            if not isinstance(value, dict) or not all(_finite(value.get(t)) for t in cfg.protocol.targets):
-                return None
-        elif not _finite(value):
-            return None
-    from .checkpoint import latest_checkpoint_dir, load_checkpoint
-    from .config import config_to_dict
-    from .train import _check_resumable
-
-    check_unchanged(cfg)  # also covers runs with no checkpoint (zero-shot CLIP)
-    ckpt_root = Path(run_dir) / "checkpoints"
-    if latest_checkpoint_dir(ckpt_root) is not None:
-        _check_resumable(load_checkpoint(ckpt_root).meta["config"], config_to_dict(cfg), ckpt_root)
-    return result
-
-
-def check_unchanged(cfg: Config) -> None:
-    """The run folder's saved config.yaml must agree with `cfg` on every key that affects results,
-    or the results there are not this config's: ConfigError naming the changed keys."""
-    from .config import config_to_dict
-    from .train import _check_resumable
-
-    saved = Path(cfg.output_dir) / "config.yaml"
-    if saved.is_file():
-        _check_resumable(config_to_dict(load_config(saved)), config_to_dict(cfg), saved)
-
-
-def _complete(out: Path, seeds: list[int]) -> bool:
-    try:
-        results = json.loads((out / "results.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(results, dict) or results.get("seeds") != seeds:
-        return False  # e.g. written by one seed's job of an emitted command list: aggregate again
-    return "mean" in results or "results" in results
-
-
 def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list[dict], Optional[Path]]:
     """Run (or skip, or resume) every run; write each results.json and the report. Returns the
     per-folder status rows and the report path."""
-    from . import distributed
-    from .evaluate import _silent, run_protocol
-    from .report import write_report
-
     runs = expand(sweep)
     if not distributed.is_main():
-        say = _silent  # under torchrun every rank runs each protocol; rank 0 reports and writes
+        say = silent  # under torchrun every rank runs each protocol; rank 0 reports and writes
     rows = []
     for i, run in enumerate(runs, 1):
-        out = Path(run.output_dir)
+        folder = RunFolder(run.output_dir)
+        out = folder.root
         label = f"[{i}/{len(runs)}] {run.method} / {run.dataset}"
         cfg = run.config()
-        if _complete(out, run.seeds):
-            check_unchanged(cfg)  # finished with another config: say so rather than report old numbers
+        if folder.is_complete(run.seeds):
+            folder.check_unchanged(cfg)  # finished with another config: say so rather than report old numbers
             say(f"{label}: finished, skipped ({out})")
             rows.append({"method": run.method, "dataset": run.dataset, "status": "finished", "output_dir": str(out)})
             continue
-        resuming = out.exists() and any(out.rglob("checkpoints/latest"))
+        resuming = folder.has_checkpoints()
         say(f"{label}: {'resuming' if resuming else 'running'} seeds {run.seeds} in {out}")
         run_protocol(cfg, resume=True, say=lambda m: say("    " + m))
-        if distributed.is_main():
-            save_config(cfg, out / "config.yaml")  # the whole seed list, for `fastprompt eval`
+        folder.record_config(cfg)  # the whole seed list, for `fastprompt eval`
         rows.append({"method": run.method, "dataset": run.dataset, "status": "resumed" if resuming else "ran",
                      "output_dir": str(out)})
     report_dir = report_folder(sweep, runs)

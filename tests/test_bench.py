@@ -8,9 +8,11 @@ import time
 import pytest
 import torch
 
-from fastprompt.bench import PhaseClock, Stepper, class_names, main, report_main, speedups, synthetic_jpegs
+from fastprompt.bench import PhaseClock, Stepper, speedups
+from fastprompt.bench.synthetic import class_names, synthetic_jpegs
+from fastprompt.cli import build_parser, main
 from fastprompt.clip import TINY_MODEL, load_clip
-from fastprompt.features import text_encoders
+from fastprompt.fast_paths import text_encoders
 from fastprompt.methods import build_model
 from fastprompt.official import CpuAugmentDataset, build_official_model, official_clip, train_transform
 
@@ -66,6 +68,16 @@ def test_phase_clock_reports_self_times_of_nested_phases():
     assert clock.totals() == {}  # read once
 
 
+def bench_train(*argv):
+    """`fastprompt bench train ARGV` through the command's own parser; the result JSON's path."""
+    import dataclasses
+
+    from fastprompt.bench import BenchOptions, run_bench
+
+    args = build_parser().parse_args(["bench", "train", *argv])
+    return run_bench(BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)}))
+
+
 @pytest.mark.parametrize("style", ["fast", "official"])
 def test_stepper_trains_and_counts_model_flops(style):
     torch.manual_seed(0)
@@ -82,9 +94,34 @@ def test_stepper_trains_and_counts_model_flops(style):
         assert flops > 2 * 4 * 16 * (3 * 8 * 8) * 96
 
 
+@pytest.mark.parametrize("style", ["fast", "official"])
+def test_promptsrc_steps_batch_the_frozen_branch_on_the_fast_path_only(style):
+    """The fast style encodes the frozen image features of a whole cycle (feature_batch images) in
+    one no-grad batch; the official style runs the frozen encoder again in every step, as PromptSRC's
+    code does. Both time it as its own phase; the depths are clipped to the tiny model's 3 layers."""
+    from fastprompt.bench import method_options
+    from fastprompt.bench.timing import PhaseClock as Clock
+
+    torch.manual_seed(0)
+    clip = official_clip(TINY_MODEL, None, "cpu") if style == "official" else load_clip(TINY_MODEL, None)
+    assert method_options("dept+promptsrc", clip) == {"depth": 3, "vis_depth": 3}
+    clock = Clock(torch.device("cpu"))
+    stepper = Stepper(style, clip, "dept+promptsrc", 4, 5, device=torch.device("cpu"), feature_batch=8, clock=clock)
+    inner = stepper.model.base
+    sizes = []
+    frozen = inner.encode_frozen_images
+    inner.encode_frozen_images = lambda images: sizes.append(images.shape[0]) or frozen(images)
+    before = inner.vision_prompts.tokens[1].detach().clone()
+    losses = [float(stepper.step()) for _ in range(4)]
+    assert all(torch.isfinite(torch.tensor(losses))) and not torch.equal(inner.vision_prompts.tokens[1], before)
+    assert sizes == ([8, 8] if style == "fast" else [4] * 4)
+    assert stepper.steps_per_cycle == (2 if style == "fast" else 1)
+    assert {"image_encoder", "frozen_image_encoder", "text_encoder", "head", "backward"} <= set(clock.totals())
+
+
 def test_bench_train_smoke_writes_json_chart_and_report(tmp_path, capsys):
-    path = main(["--smoke", "--out", str(tmp_path), "--run", "dept+coop", "--max-batch", "dept+coop",
-                 "--vision-mfu", "maple"])
+    path = bench_train("--smoke", "--out", str(tmp_path), "--run", "dept+coop", "--max-batch", "dept+coop",
+                       "--vision-mfu", "maple")
     result = json.loads(path.read_text())
     env, cfg = result["environment"], result["config"]
     assert result["benchmark"] == "train" and cfg["mode"] == "smoke" and cfg["model"] == TINY_MODEL
@@ -106,8 +143,11 @@ def test_bench_train_smoke_writes_json_chart_and_report(tmp_path, capsys):
     png = path.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png.unlink()
-    report_main(str(path))
+    capsys.readouterr()
+    assert main(["bench", "report", str(path)]) == 0
     assert png.is_file() and "| coop | 4 | 5 | fast |" in capsys.readouterr().out
+    assert main(["bench", "report", str(png)]) == 2  # not a result: one line, no traceback
+    assert "is not valid JSON" in capsys.readouterr().err
 
 
 def test_speedups_pair_styles_and_mark_oom():
@@ -124,20 +164,20 @@ def test_speedups_pair_styles_and_mark_oom():
 
 
 def test_an_unexpected_error_is_recorded_on_full_runs_and_raised_in_smoke_mode():
-    from fastprompt.bench import _guarded
+    from fastprompt.bench.suite import guarded
 
     def broken(x):
         raise KeyError(f"no {x}")
 
-    assert _guarded(False, {"method": "coop"}, broken, "y") == {"method": "coop", "error": "KeyError: 'no y'"}
+    assert guarded(False, {"method": "coop"}, broken, "y") == {"method": "coop", "error": "KeyError: 'no y'"}
     with pytest.raises(KeyError):
-        _guarded(True, {}, broken, "y")
+        guarded(True, {}, broken, "y")
 
 
 @pytest.mark.parametrize("style", ["fast", "official"])
 def test_throughput_pass_records_no_phases(style, monkeypatch):
     # The breakdown pass times phases; the images/s passes after it must not (no events, no records).
-    import fastprompt.bench as bench
+    import fastprompt.bench.steps as bench
 
     clocks = []
 
@@ -159,6 +199,7 @@ def test_throughput_pass_records_no_phases(style, monkeypatch):
     (["--batches", "0"], "argument --batches: must be >= 1, got 0"),
     (["--classes", "5", "-3"], "argument --classes: must be >= 1, got -3"),
     (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     (["--run-epochs", "two"], "argument --run-epochs: expected a whole number >= 1, got 'two'"),
     (["--run-classes", "0"], "argument --run-classes: must be >= 1, got 0"),
     (["--run-shots", "0"], "argument --run-shots: must be >= 1, got 0"),
@@ -166,12 +207,12 @@ def test_throughput_pass_records_no_phases(style, monkeypatch):
 ])
 def test_bench_counts_must_be_positive(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["--smoke", *argv])
+        main(["bench", "train", "--smoke", *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_whole_runs_use_one_feature_cache_per_method_and_style(tmp_path, monkeypatch):
-    import fastprompt.bench as bench
+    import fastprompt.bench.suite as suite
 
     seen = []
 
@@ -179,7 +220,7 @@ def test_whole_runs_use_one_feature_cache_per_method_and_style(tmp_path, monkeyp
         seen.append((style, method, kwargs["feature_cache_dir"]))
         return {"style": style, "method": method, "seconds": 1.0}
 
-    monkeypatch.setattr(bench, "whole_run", fake_run)
-    main(["--smoke", "--no-steps", "--out", str(tmp_path), "--run", "coop", "dept+coop"])
+    monkeypatch.setattr(suite, "whole_run", fake_run)
+    bench_train("--smoke", "--no-steps", "--out", str(tmp_path), "--run", "coop", "dept+coop")
     assert len(seen) == 4
     assert len({cache for _, _, cache in seen}) == 4  # (method, style) pairs never share test features

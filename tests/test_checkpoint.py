@@ -6,15 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastprompt.atomic_io import atomic_write_bytes
 from fastprompt.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
     latest_checkpoint_dir,
     load_checkpoint,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     save_checkpoint,
 )
+from fastprompt.errors import CheckpointError
 
 
 def _save(root, step, value=1.0, **kw):

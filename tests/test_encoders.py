@@ -21,11 +21,19 @@ def vit_b16():
     return load_clip("ViT-B-16")
 
 
+@pytest.fixture(scope="module")
+def vit_b16_quickgelu():
+    # The architecture OpenAI's weights need: the encoders must carry its activation along.
+    clip = load_clip("ViT-B-16-quickgelu")
+    assert clip.activation == "quick_gelu"
+    return clip
+
+
 TEXTS = ["a photo of a dog.", "an aircraft", "x", "the quick brown fox jumps over the lazy dog, twice"]
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
-@pytest.mark.parametrize("which", ["tiny", "vit_b16"])
+@pytest.mark.parametrize("which", ["tiny", "vit_b16", "vit_b16_quickgelu"])
 def test_no_prompts_reproduces_open_clip(which, backend, request):
     clip = request.getfixturevalue(which)
     model = clip.model

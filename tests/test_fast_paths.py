@@ -2,20 +2,23 @@
 
 * text encoded only up to the longest real prompt == the official 77-token path;
 * text encoded in checkpointed chunks == all at once (values and gradients);
-* training on image features precomputed in large batches == step-by-step image encoding;
+* training on image features precomputed in large batches == step-by-step image encoding, and the
+  same for PromptSRC's frozen-branch image features;
 * accuracy from cached test-image features == streaming the images, and the cache is reused.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from fastprompt.clip import TINY_MODEL, load_clip
 from fastprompt.config import load_config
-from fastprompt.features import (EpochImageFeatures, backbone_fingerprint, configure_text, text_encoders,
-                                 uses_image_features)
+from fastprompt.fast_paths import configure_text, text_encoders, uses_image_features
 from fastprompt.methods import build_model
-from fastprompt.train import fit
+from fastprompt.metrics import backbone_fingerprint
+from fastprompt.training import EpochBatches, FeatureEncoding, fit
 
 NAMES = ["cat", "sea lion", "golden retriever dog", "fire truck", "a", "hot air balloon", "tree"]
 
@@ -28,8 +31,10 @@ def clip():
 
 def _model(clip, method, names=NAMES, seed=1, **options):
     torch.manual_seed(seed)
-    if method.endswith(("maple", "dpl")):
+    if method.endswith(("maple", "dpl", "ivlp", "promptsrc")):
         options.setdefault("depth", 3)  # the tiny model has 3 layers per tower
+    if method.endswith(("ivlp", "promptsrc")):
+        options.setdefault("vis_depth", 3)
     model = build_model(method, clip, names, **options)
     # Non-trivial trainables (DePT's head starts as identity/zero, CoOp ctx small): perturb them.
     with torch.no_grad():
@@ -160,6 +165,37 @@ def test_training_on_precomputed_image_features_equals_step_by_step(clip, method
         torch.testing.assert_close(fast_state[key], plain_state[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("method", ["promptsrc", "dept+promptsrc"])
+def test_training_on_batched_frozen_image_features_equals_step_by_step(clip, method, tmp_path):
+    """PromptSRC's frozen branch: the loop encodes the frozen image features of 2 steps' views in one
+    no-grad batch (feature_batch_size 8 / batch 4) instead of one extra encoder call per step."""
+    def fit_counting(out, precompute):
+        model = _model(clip, method, NAMES[:5], gpa=False)
+        cfg = load_config(None, [f"output_dir={out}", "train.epochs=2", "train.batch_size=4", "train.precision=fp32",
+                                 "train.device=cpu", "train.progress=false", "optim.lr=0.05", "optim.warmup_epochs=0",
+                                 "train.feature_batch_size=8", f"train.precompute_features={precompute}"])
+        inner = getattr(model, "base", model)
+        sizes = {"prompted": [], "frozen": []}
+        encode, frozen = inner.encode_images, inner.encode_frozen_images
+        inner.encode_images = lambda images: sizes["prompted"].append(images.shape[0]) or encode(images)
+        inner.encode_frozen_images = lambda images: sizes["frozen"].append(images.shape[0]) or frozen(images)
+        result = fit(model, _Source(14, 5), GpuAugment(clip.image_size, clip.mean, clip.std), cfg, out, seed=1)
+        del inner.encode_images, inner.encode_frozen_images
+        return result, {k: v.clone() for k, v in model.state_dict().items()}, sizes
+
+    from fastprompt.data import GpuAugment
+
+    plain, plain_state, plain_sizes = fit_counting(tmp_path / "plain", False)
+    fast, fast_state, fast_sizes = fit_counting(tmp_path / "fast", True)
+    # 14 images, batch 4: 3 steps per epoch; the prompted encoder runs per step either way.
+    assert plain_sizes == {"prompted": [4] * 6, "frozen": [4] * 6}
+    assert fast_sizes == {"prompted": [4] * 6, "frozen": [8, 4] * 2}
+    assert fast.epoch_losses == pytest.approx(plain.epoch_losses, rel=1e-5, abs=1e-6)
+    assert plain_state.keys() == fast_state.keys()
+    for key in plain_state:
+        torch.testing.assert_close(fast_state[key], plain_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_epoch_features_draw_the_same_views_and_record_generator_states(clip):
     from fastprompt.data import GpuAugment
 
@@ -167,9 +203,8 @@ def test_epoch_features_draw_the_same_views_and_record_generator_states(clip):
     source, augment = _Source(12, 5), GpuAugment(clip.image_size, clip.mean, clip.std)
     order = torch.randperm(12)
     gen = torch.Generator().manual_seed(7)
-    feats = EpochImageFeatures(model, source, augment, order, batch_size=4, steps=3, first=1, steps_per_chunk=5,
-                               device=torch.device("cpu"), generator=gen, autocast=torch.no_grad,
-                               to_device=lambda x, d: x)
+    feats = EpochBatches(source, augment, order, batch_size=4, steps=3, first=1, device=torch.device("cpu"),
+                         generator=gen, features=FeatureEncoding(model.encode_images, 5, torch.no_grad))
     got = list(feats)
     ref_gen = torch.Generator().manual_seed(7)
     for i, (f, y) in enumerate(got, start=1):
@@ -194,7 +229,7 @@ def digits(tmp_path_factory):
 
 
 def _session(digits, out, *extra):
-    from fastprompt.evaluate import Session
+    from fastprompt.protocols import Session
 
     cfg = load_config(None, [f"output_dir={out}", "model.name=fastprompt-tiny", "model.pretrained=null",
                              "data.dataset=imagefolder", f"data.root={digits}", "train.precision=fp32",
@@ -205,7 +240,6 @@ def _session(digits, out, *extra):
 
 def test_cached_eval_features_give_the_same_accuracy_and_are_reused(digits, tmp_path):
     from fastprompt.data import split_base_new
-    from fastprompt.evaluate import accuracy
 
     cached = _session(digits, tmp_path / "a")
     plain = _session(digits, tmp_path / "b", "train.feature_cache=false")
@@ -217,19 +251,19 @@ def test_cached_eval_features_give_the_same_accuracy_and_are_reused(digits, tmp_
                 p.add_(0.3 * torch.randn_like(p))
     for split in (base, new):
         model.set_classnames(split.classnames)
-        acc_cached, _ = accuracy(model, split.test, session=cached)
-        acc_plain, _ = accuracy(model, split.test, session=plain)
+        acc_cached, _ = cached.accuracy(model, split.test)
+        acc_plain, _ = plain.accuracy(model, split.test)
         assert acc_cached == pytest.approx(acc_plain, abs=1e-9)
-    cache = cached.feature_cache
-    assert cache.encoded == len(base.test) + len(new.test) and plain.feature_cache is None
+    cache = cached.evaluator.feature_cache
+    assert cache.encoded == len(base.test) + len(new.test) and plain.evaluator.feature_cache is None
     # Another epoch / seed / method on the same backbone: nothing is encoded again, even from disk.
     model.set_classnames(base.classnames)
-    accuracy(model, base.test, session=cached)
+    cached.accuracy(model, base.test)
     assert cache.encoded == len(base.test) + len(new.test)
     again = _session(digits, tmp_path / "a")
     other = again.build_model(base.classnames, seed=2)
-    accuracy(other, base.test, session=again)
-    assert again.feature_cache.encoded == 0 and again.feature_cache.fingerprint == cache.fingerprint
+    again.accuracy(other, base.test)
+    assert again.evaluator.feature_cache.encoded == 0 and again.evaluator.feature_cache.fingerprint == cache.fingerprint
 
 
 def test_text_chunk_size_reaches_every_text_encoder(digits, tmp_path):
@@ -238,11 +272,13 @@ def test_text_chunk_size_reaches_every_text_encoder(digits, tmp_path):
     assert [enc.chunk_size for enc in text_encoders(model)] == [2]
 
 
-def test_backbone_fingerprint_follows_weights_and_precision(clip):
+def test_backbone_fingerprint_follows_weights_activation_and_precision(clip):
     fp = backbone_fingerprint(clip, "fp32")
     assert backbone_fingerprint(clip, "fp32") == fp and backbone_fingerprint(clip, "bf16") != fp
     other = load_clip(TINY_MODEL, None)
     assert backbone_fingerprint(other, "fp32") == fp  # the same weights
+    # The same weights under QuickGELU give other features: features cached under GELU must not be reused.
+    assert backbone_fingerprint(dataclasses.replace(other, activation="quick_gelu"), "fp32") != fp
     with torch.no_grad():
         other.model.visual.transformer.resblocks[-1].mlp.c_proj.bias[0] += 1e-3  # one weight, deep inside
     assert backbone_fingerprint(other, "fp32") != fp
@@ -301,7 +337,7 @@ def test_fit_with_compile_matches_eager_and_new_classes_reuse_the_compiled_code(
     with torch.no_grad():
         models[True](images)  # evaluation runs the text trunk without grad: its own graph, once
         graphs = counters["stats"]["unique_graphs"]
-        for names in (NAMES[3:], ["x"] * 2):
+        for names in (NAMES[3:], ["x", "y"]):  # two one-token names (a name twice is refused)
             for m in models.values():
                 m.set_classnames(names)
             torch.testing.assert_close(models[True](images).logits, models[False](images).logits,
@@ -313,7 +349,7 @@ def test_fit_with_compile_matches_eager_and_new_classes_reuse_the_compiled_code(
 def test_eval_feature_cache_with_repeated_paths(tmp_path):
     """A test list that repeats an image must not shift later features onto the wrong images."""
     from fastprompt.data import Sample
-    from fastprompt.features import EvalFeatureCache
+    from fastprompt.metrics import EvalFeatureCache
 
     paths = {}
     for name in "abcd":

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastprompt.config import ConfigError, load_config
-from fastprompt.train import build_optimizer, epoch_lr, fit, steps_per_epoch
+from fastprompt.training import build_optimizer, epoch_lr, fit, steps_per_epoch
 
 
 class TinyPromptModel(nn.Module):

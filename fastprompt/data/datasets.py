@@ -1,6 +1,6 @@
 """The dataset registry and `load_dataset`: one entry per supported layout.
 
-The data root holds CoOp's community layout (users bring the files; see PROTOCOLS.md):
+The data root holds CoOp's community layout (users bring the files; docs/datasets.md):
 
     <data root>/
       imagenet/classnames.txt, imagenet/images/{train,val}/<wnid>/*       test = val
@@ -27,6 +27,7 @@ the folder's name.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ from .errors import DatasetError
 from .imagefolder import IMAGEFOLDER_LAYOUT, load_imagefolder
 from .imagenet import IMAGENET_LAYOUT, load_imagenet, load_imagenet_variant, variant_layout
 from .split_files import FGVC_LAYOUT, load_fgvc_aircraft, load_split_file_dataset, split_file_layout
-from .splits import DatasetSplits
+from .splits import DatasetSplits, coverage_warnings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
-    """Read dataset `name` from the data root `root` (the community layout, see PROTOCOLS.md).
+    """Read dataset `name` from the data root `root` (the community layout, docs/datasets.md).
 
     For "imagefolder", `root` is the image folder itself. For the others `root` is the data root
     holding e.g. `caltech-101/`; `root` may also be the dataset's own folder when it carries the
@@ -99,10 +102,15 @@ def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
     root = Path(root).expanduser()
     if not root.is_dir():
         state = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout:\n{spec.layout}")
+        raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout (docs/datasets.md):\n{spec.layout}")
     if spec.folder is None:
-        return spec.read(root, root)
-    dataset_dir = root / spec.folder
-    if not dataset_dir.exists() and root.name == spec.folder:
-        dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
-    return spec.read(root, dataset_dir)
+        splits = spec.read(root, root)
+    else:
+        dataset_dir = root / spec.folder
+        if not dataset_dir.exists() and root.name == spec.folder:
+            dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
+        splits = spec.read(root, dataset_dir)
+    splits.warnings.extend(coverage_warnings(splits))
+    for warning in splits.warnings:
+        log.warning(warning)
+    return splits

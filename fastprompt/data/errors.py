@@ -1,9 +1,8 @@
-"""The one error type the data layer raises for problems a user can fix (paths, layouts, files)."""
+"""The error the data layer raises for problems a user can fix (paths, layouts, files).
 
+Defined with fastprompt's other user-facing errors in `fastprompt.errors`; the data modules import
+it from here, their own layer's name for it.
+"""
+from ..errors import DatasetError
 
-class DatasetError(ValueError):
-    """A dataset on disk does not match its expected layout, or one of its files is unreadable.
-
-    The message always names the offending path and, where a layout is involved, shows the tree
-    that was expected, so the user can fix the data without reading the code.
-    """
+__all__ = ["DatasetError"]

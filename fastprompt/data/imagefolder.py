@@ -16,6 +16,7 @@ class name is its folder name with underscores replaced by spaces.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -43,6 +44,39 @@ def _classname(folder: str) -> str:
     return folder.replace("_", " ")
 
 
+def _check_class_names(parent: Path, folders: list[str], warnings: list[str]) -> None:
+    """Two folders whose class names are the same text (`hot_dog` and `hot dog`) would get the same
+    prompt: refused. Names that differ only in case (`cat`, `Cat`) are a warning: most CLIP
+    tokenizers lower-case, and then the models refuse them as identical prompts."""
+    by_text, by_lower = {}, {}
+    for folder in folders:
+        text = " ".join(_classname(folder).split())
+        if text in by_text:
+            raise DatasetError(
+                f"class folders {str(parent / by_text[text])!r} and {str(parent / folder)!r} both name the class "
+                f"{text!r} ('_' reads as a space), so both would get the same prompt; merge or rename one"
+            )
+        by_text[text] = folder
+        lower = text.lower()
+        if lower in by_lower:
+            warnings.append(
+                f"class folders {str(parent / by_lower[lower])!r} and {str(parent / folder)!r} differ only in case; "
+                "CLIP's tokenizer lower-cases, so their prompts are identical: rename one"
+            )
+        by_lower.setdefault(lower, folder)
+
+
+def _hidden_image_folders(parent: Path, warnings: list[str]) -> None:
+    """Folders whose name starts with '.' are skipped (as .git, .ipynb_checkpoints should be); say so
+    when one of them holds images, as it probably was meant to be a class."""
+    with os.scandir(parent) as entries:
+        hidden = sorted(e.name for e in entries if e.is_dir() and e.name.startswith("."))
+    for name in hidden:
+        if list_images(parent / name):
+            warnings.append(f"skipped the folder {str(parent / name)!r}: names starting with '.' are hidden; "
+                            "rename it if it is a class")
+
+
 def _class_order(root: Path, found: list[str]) -> list[str]:
     """The class folders in label order: classes.txt's order if present, else sorted."""
     path = root / CLASS_ORDER_FILE
@@ -52,7 +86,7 @@ def _class_order(root: Path, found: list[str]) -> list[str]:
     if sorted(listed) != sorted(found) or len(set(listed)) != len(listed):
         raise DatasetError(
             f"{str(path)!r} must list each class folder exactly once; it lists {listed[:10]}, "
-            f"the folders are {found[:10]}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            f"the folders are {found[:10]}. Expected layout (docs/datasets.md):\n{IMAGEFOLDER_LAYOUT}"
         )
     return listed
 
@@ -64,7 +98,7 @@ def _read_split(folder: Path, classes: list[str], split: str) -> list[Sample]:
     if unknown:
         raise DatasetError(
             f"{split} folder {str(folder)!r} has class folders {unknown[:10]} that train/ lacks; every class "
-            f"must appear in train/. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            f"must appear in train/. Expected layout (docs/datasets.md):\n{IMAGEFOLDER_LAYOUT}"
         )
     samples = []
     present = set(found)
@@ -80,10 +114,15 @@ def load_imagefolder(root: Path) -> DatasetSplits:
     require_dir(root, "image folder root", IMAGEFOLDER_LAYOUT)
     name = root.resolve().name or "imagefolder"
     train_dir = root / "train"
+    warnings: list[str] = []
     if train_dir.is_dir():
         classes = _class_order(root, list_subfolders(train_dir))
         if not classes:
-            raise DatasetError(f"{str(train_dir)!r} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+            raise DatasetError(f"{str(train_dir)!r} has no class folders. Expected layout (docs/datasets.md):\n{IMAGEFOLDER_LAYOUT}")
+        _check_class_names(train_dir, classes, warnings)
+        for split in ("train", "val", "test"):
+            if (root / split).is_dir():
+                _hidden_image_folders(root / split, warnings)
         train = _read_split(train_dir, classes, "train")
         splits = {"train": train}
         for split in ("val", "test"):
@@ -91,11 +130,14 @@ def load_imagefolder(root: Path) -> DatasetSplits:
             splits[split] = _read_split(folder, classes, split) if folder.is_dir() else []
         if not splits["test"]:
             log.warning("image folder %s has no test/ split: evaluation will have nothing to score", root)
-        return DatasetSplits(name, [_classname(c) for c in classes], train, splits["val"], splits["test"])
+        return DatasetSplits(name, [_classname(c) for c in classes], train, splits["val"], splits["test"],
+                             warnings=warnings)
 
     classes = _class_order(root, list_subfolders(root))
     if not classes:
-        raise DatasetError(f"{str(root)!r} has neither train/ nor class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+        raise DatasetError(f"{str(root)!r} has neither train/ nor class folders. Expected layout (docs/datasets.md):\n{IMAGEFOLDER_LAYOUT}")
+    _check_class_names(root, classes, warnings)
+    _hidden_image_folders(root, warnings)
     train, val, test = [], [], []
     for label, c in enumerate(classes):
         files = list_images(root / c)
@@ -109,4 +151,4 @@ def load_imagefolder(root: Path) -> DatasetSplits:
         test += mk(files[:n_test])
         val += mk(files[n_test:n_test + n_val])
         train += mk(files[n_test + n_val:])
-    return DatasetSplits(name, [_classname(c) for c in classes], train, val, test)
+    return DatasetSplits(name, [_classname(c) for c in classes], train, val, test, warnings=warnings)

@@ -69,7 +69,7 @@ def _class_folder_samples(folder: Path, wnids: dict[str, str], split_desc: str, 
     if not found and list_images(folder):
         raise DatasetError(
             f"{split_desc} {str(folder)!r} holds images directly; they must be sorted into one folder "
-            f"per wnid. Expected layout:\n{layout}"
+            f"per wnid. Expected layout (docs/datasets.md):\n{layout}"
         )
     unknown = [w for w in found if w not in label_of]
     if unknown:
@@ -79,7 +79,7 @@ def _class_folder_samples(folder: Path, wnids: dict[str, str], split_desc: str, 
         if missing:
             raise DatasetError(
                 f"{split_desc} {str(folder)!r}: no folder for {len(missing)} classes of classnames.txt, "
-                f"e.g. {missing[:5]}. Expected layout:\n{layout}"
+                f"e.g. {missing[:5]}. Expected layout (docs/datasets.md):\n{layout}"
             )
     samples: list[Sample] = []
     for wnid in found:
@@ -109,7 +109,7 @@ def _find_classnames(root: Path, name: str) -> dict[str, str]:
             return read_classnames(path)
     raise DatasetError(
         f"{name} needs ImageNet's classnames.txt; looked at {[str(p) for p in candidates]}. "
-        f"Expected layout:\n{variant_layout(name)}"
+        f"Expected layout (docs/datasets.md):\n{variant_layout(name)}"
     )
 
 
@@ -133,7 +133,7 @@ def load_imagenet_variant(root: Path, name: str) -> DatasetSplits:
         present = set(list_subfolders(image_dir))
         missing = [d for d in expected if d not in present]
         if missing:
-            raise DatasetError(f"{name}: {str(image_dir)!r} lacks class folders {missing[:10]}. Expected layout:\n{layout}")
+            raise DatasetError(f"{name}: {str(image_dir)!r} lacks class folders {missing[:10]}. Expected layout (docs/datasets.md):\n{layout}")
         test = []
         for label, d in enumerate(expected):
             files = list_images(image_dir / d)
@@ -149,7 +149,7 @@ def load_imagenet_variant(root: Path, name: str) -> DatasetSplits:
     # imagenet_a / imagenet_r: a subset of classes (their folder also holds a README.txt).
     full, found = _class_folder_samples(image_dir, wnids, f"{name} image folder", layout, False)
     if not found:
-        raise DatasetError(f"{name}: {str(image_dir)!r} holds no class folders. Expected layout:\n{layout}")
+        raise DatasetError(f"{name}: {str(image_dir)!r} holds no class folders. Expected layout (docs/datasets.md):\n{layout}")
     index_in_imagenet = {w: i for i, w in enumerate(wnids)}
     class_indices = [index_in_imagenet[w] for w in found]  # `found` is sorted by wnid
     new_label = {old: new for new, old in enumerate(class_indices)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DatasetError
@@ -37,13 +38,24 @@ def require_dir(path: Path, what: str, layout: str) -> None:
     """Raise a DatasetError naming `path` and showing the expected `layout` if it is not a folder."""
     if not path.is_dir():
         state = "is not a folder" if path.exists() else "does not exist"
-        raise DatasetError(f"{what} {str(path)!r} {state}. Expected layout:\n{layout}")
+        raise DatasetError(f"{what} {str(path)!r} {state}. Expected layout (docs/datasets.md):\n{layout}")
 
 
 def require_file(path: Path, what: str, layout: str) -> None:
     if not path.is_file():
         state = "is not a file" if path.exists() else "does not exist"
-        raise DatasetError(f"{what} {str(path)!r} {state}. Expected layout:\n{layout}")
+        raise DatasetError(f"{what} {str(path)!r} {state}. Expected layout (docs/datasets.md):\n{layout}")
+
+
+# 16-bit greyscale modes: PIL's convert("RGB") clips them at 255 (a 16-bit PNG becomes black and
+# white), so they are scaled to 8 bits here. 16-bit RGB PNGs already decode to 8 bits correctly.
+_SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _grey16_to_rgb(img: Image.Image) -> Image.Image:
+    values = np.asarray(img, dtype=np.float32)
+    grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+    return Image.fromarray(grey).convert("RGB")  # a 2-D uint8 array is mode "L"
 
 
 def load_rgb(path: str, draft_short_side: int | None = None) -> Image.Image:
@@ -60,6 +72,8 @@ def load_rgb(path: str, draft_short_side: int | None = None) -> Image.Image:
                 scale = draft_short_side / min(w, h)
                 if scale < 1:
                     img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
+            if img.mode in _SIXTEEN_BIT_GREY or (img.mode == "I" and img.format == "PNG"):
+                return _grey16_to_rgb(img)
             return img.convert("RGB")  # convert() forces the full decode, so errors surface here
     except FileNotFoundError:
         raise DatasetError(f"image file {path!r} does not exist" "; replace or remove the file, or set data.allow_corrupt=true to skip unreadable images (they are logged)") from None

@@ -41,12 +41,12 @@ def load_split_file_dataset(
         with open(split_path, encoding="utf-8") as f:
             raw = json.load(f)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"split file {str(split_path)!r} is not valid JSON: {exc}. Expected layout:\n{layout}") from exc
+        raise DatasetError(f"split file {str(split_path)!r} is not valid JSON: {exc}. Expected layout (docs/datasets.md):\n{layout}") from exc
     if not isinstance(raw, dict) or any(k not in raw for k in SPLIT_NAMES):
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise DatasetError(
             f"split file {str(split_path)!r} must be a JSON object with keys 'train', 'val', 'test' "
-            f"(found {found}). Expected layout:\n{layout}"
+            f"(found {found}). Expected layout (docs/datasets.md):\n{layout}"
         )
 
     base = os.path.abspath(images_root)
@@ -94,7 +94,7 @@ def load_split_file_dataset(
         if parsed[split] and not os.path.isfile(parsed[split][0].path):
             raise DatasetError(
                 f"{name}: image {parsed[split][0].path!r} (first row of {split!r} in {str(split_path)!r}) "
-                f"does not exist; relpaths are resolved under {base!r}. Expected layout:\n{layout}"
+                f"does not exist; relpaths are resolved under {base!r}. Expected layout (docs/datasets.md):\n{layout}"
             )
     return DatasetSplits(name, [names[lab] for lab in range(n)], parsed["train"], parsed["val"], parsed["test"])
 
@@ -119,7 +119,7 @@ def load_fgvc_aircraft(dataset_dir: Path) -> DatasetSplits:
     require_dir(image_dir, "fgvc_aircraft image folder", FGVC_LAYOUT)
     classnames = [line.strip() for line in variants_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not classnames:
-        raise DatasetError(f"{str(variants_path)!r} lists no variants. Expected layout:\n{FGVC_LAYOUT}")
+        raise DatasetError(f"{str(variants_path)!r} lists no variants. Expected layout (docs/datasets.md):\n{FGVC_LAYOUT}")
     if len(set(classnames)) != len(classnames):
         raise DatasetError(f"{str(variants_path)!r} lists a variant twice")
     label_of = {c: i for i, c in enumerate(classnames)}
@@ -149,6 +149,6 @@ def load_fgvc_aircraft(dataset_dir: Path) -> DatasetSplits:
         if splits[split] and not os.path.isfile(splits[split][0].path):
             raise DatasetError(
                 f"fgvc_aircraft: image {splits[split][0].path!r} (first line of images_variant_{split}.txt) "
-                f"does not exist. Expected layout:\n{FGVC_LAYOUT}"
+                f"does not exist. Expected layout (docs/datasets.md):\n{FGVC_LAYOUT}"
             )
     return DatasetSplits("fgvc_aircraft", classnames, splits["train"], splits["val"], splits["test"])

@@ -31,6 +31,7 @@ class DatasetSplits:
     val: list[Sample]
     test: list[Sample]
     class_indices: list[int] | None = field(default=None)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -75,6 +76,7 @@ def subset_classes(splits: DatasetSplits, class_indices: Sequence[int]) -> Datas
         val=keep(splits.val),
         test=keep(splits.test),
         class_indices=[parent[i] for i in indices] if parent is not None else indices,
+        warnings=list(splits.warnings),
     )
 
 
@@ -88,4 +90,26 @@ def split_base_new(splits: DatasetSplits) -> tuple[DatasetSplits, DatasetSplits]
     if n < 2:
         raise ValueError(f"base/new split of {splits.name!r} needs at least 2 classes, it has {n}")
     n_base = math.ceil(n / 2)
-    return subset_classes(splits, range(n_base)), subset_classes(splits, range(n_base, n))
+    base, new = subset_classes(splits, range(n_base)), subset_classes(splits, range(n_base, n))
+    if new.num_classes == 1:
+        new.warnings.append(
+            f"{splits.name}: the new half holds a single class ({new.classnames[0]!r}), so new-class "
+            "accuracy is 100% whatever the model does; base-to-new needs at least 4 classes to mean anything"
+        )
+    return base, new
+
+
+def coverage_warnings(splits: DatasetSplits) -> list[str]:
+    """Classes a split leaves out: without test images a class's accuracy is never measured, and
+    without training images it is never learnt."""
+    out = []
+    for split, what in (("test", "its accuracy is not measured"), ("train", "it is never trained on")):
+        samples = getattr(splits, split)
+        if not samples and split == "test":
+            continue  # an empty test split is refused by the protocols with its own message
+        present = {s.label for s in samples}
+        missing = [splits.classnames[i] for i in range(splits.num_classes) if i not in present]
+        if missing and samples:
+            shown = ", ".join(repr(c) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            out.append(f"{splits.name}: {len(missing)} class(es) have no {split} images ({shown}): {what}")
+    return out

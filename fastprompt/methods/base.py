@@ -5,13 +5,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastprompt.clip import ClipBundle
+from fastprompt.errors import ClassNamesError
 from fastprompt.encoders import ImageEncoder, TextEncoder
 from fastprompt.kernels.reference import itm_logits
 
@@ -25,12 +26,22 @@ class ModelOutput:
 
 
 def check_classnames(classnames: Sequence[str]) -> List[str]:
+    """The class names as prompts spell them ('_' reads as a space); a name given twice is refused:
+    two classes with one prompt get identical logits and one of them can never be predicted."""
     if isinstance(classnames, str) or not isinstance(classnames, Sequence) or len(classnames) == 0:
         raise ValueError("classnames must be a non-empty list of class-name strings")
     bad = [c for c in classnames if not isinstance(c, str) or not c.strip()]
     if bad:
         raise ValueError(f"classnames must be non-empty strings, got {bad[:3]}")
-    return [c.replace("_", " ").strip() for c in classnames]
+    names = [" ".join(c.replace("_", " ").split()) for c in classnames]
+    first = {}
+    for i, name in enumerate(names):
+        if name in first:
+            j = first[name]
+            raise ClassNamesError(f"classnames {classnames[j]!r} (position {j}) and {classnames[i]!r} (position {i}) are "
+                             f"the same class name {name!r}; give every class its own name")
+        first[name] = i
+    return names
 
 
 class PromptModel(nn.Module, ABC):
@@ -41,6 +52,11 @@ class PromptModel(nn.Module, ABC):
 
     method: str = "base"
     image_prompted: bool = False  # does the image encoder depend on trainable parameters?
+    # Does the training loss compare with the frozen image encoder's features of the same views
+    # (PromptSRC)? Then forward() takes them as `frozen_image_features`, or computes them.
+    needs_frozen_image_features: bool = False
+    # Gaussian prompt aggregation over epochs, (mean, std) in 1-based epochs, or None (fastprompt.methods.gpa).
+    gpa_settings: Optional[Tuple[float, float]] = None
     embed_dim: int
     classnames: List[str]
 
@@ -49,8 +65,18 @@ class PromptModel(nn.Module, ABC):
         """images [B, 3, S, S] -> raw image features [B, d]."""
 
     @abstractmethod
-    def head(self, image_features: torch.Tensor, labels: Optional[torch.Tensor]) -> ModelOutput:
-        """Logits [B, C] for the current classes, and the training loss when labels are given."""
+    def head(
+        self, image_features: torch.Tensor, labels: Optional[torch.Tensor], *,
+        frozen_image_features: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
+        """Logits [B, C] for the current classes, and the training loss when labels are given.
+
+        frozen_image_features [B, d]: the unprompted image encoder's raw features of the same
+        images (only for methods with `needs_frozen_image_features`)."""
+
+    def encode_frozen_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> the frozen, unprompted image encoder's raw features [B, d], no grad."""
+        raise NotImplementedError(f"{self.method} has no frozen image branch")
 
     @abstractmethod
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -60,8 +86,33 @@ class PromptModel(nn.Module, ABC):
     def num_classes(self) -> int:
         return len(self.classnames)
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        return self.head(self.encode_images(images), labels)
+    def forward(
+        self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+        frozen_image_features: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
+        """images [B, 3, S, S] -> ModelOutput; with labels [B] the loss too.
+
+        frozen_image_features [B, d] (methods with `needs_frozen_image_features`, training only):
+        the unprompted image encoder's raw features of these very images, e.g. computed for many
+        steps in one no-grad batch; when not given, the model computes them (no grad)."""
+        if frozen_image_features is not None:
+            self.check_frozen_image_features(frozen_image_features, images.shape[0])
+        if not self.needs_frozen_image_features:
+            return self.head(self.encode_images(images), labels)
+        if labels is not None and frozen_image_features is None:
+            frozen_image_features = self.encode_frozen_images(images)
+        return self.head(self.encode_images(images), labels, frozen_image_features=frozen_image_features)
+
+    def check_frozen_image_features(self, features: torch.Tensor, batch: int) -> None:
+        if not self.needs_frozen_image_features:
+            raise ValueError(f"{self.method} does not use frozen image features; call it without frozen_image_features")
+        is_tensor = isinstance(features, torch.Tensor)
+        if not is_tensor or not features.is_floating_point() or features.shape != (batch, self.embed_dim):
+            got = tuple(features.shape) if is_tensor else type(features).__name__
+            raise ValueError(
+                f"frozen_image_features must be a float tensor [{batch}, {self.embed_dim}] (the frozen image "
+                f"encoder's features of the same {batch} images), got {got}"
+            )
 
     def forward_features(self, image_features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
         """The same as forward, from precomputed image features (methods with an unprompted image encoder)."""
@@ -120,7 +171,7 @@ class PromptedCLIP(PromptModel):
 
     Subclasses provide `text_features(image_features)` ([C, d], or [B, C, d] when the prompts
     depend on the image), may override `encode_images` (prompted image encoder) and
-    `regularizer(text_features)` (extra loss terms).
+    `regularizer(text_features, ...)` (extra loss terms).
     """
 
     def __init__(self, clip: ClipBundle, *, attention_backend: str = "sdpa"):
@@ -152,24 +203,48 @@ class PromptedCLIP(PromptModel):
             self.__dict__["_text_cache"] = cached  # a plain attribute: never in the state dict
         return cached[1]
 
-    def regularizer(self, text_features: torch.Tensor) -> Optional[torch.Tensor]:
+    def regularizer(
+        self, text_features: torch.Tensor, *, image_features: Optional[torch.Tensor] = None,
+        frozen_image_features: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
+        """Extra training loss terms (None: cross-entropy only), from the raw text features [C, d]
+        (or [B, C, d]), the raw (prompted) image features [B, d] and the frozen ones [B, d]."""
         return None
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)
 
-    def head(self, image_features: torch.Tensor, labels: Optional[torch.Tensor]) -> ModelOutput:
+    def encode_frozen_images(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.image_encoder(images)
+
+    def head(
+        self, image_features: torch.Tensor, labels: Optional[torch.Tensor], *,
+        frozen_image_features: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
         text_features = self.cached_text_features(image_features)
         logits = itm_logits(image_features.float(), text_features.float(), self.logit_scale)
         if labels is None:
             return ModelOutput(logits=logits)
-        return ModelOutput(logits=logits, loss=self.itm_loss(logits, text_features, labels))
+        loss = self.itm_loss(logits, text_features, labels, image_features=image_features,
+                             frozen_image_features=frozen_image_features)
+        return ModelOutput(logits=logits, loss=loss)
 
-    def itm_loss(self, logits: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def itm_loss(
+        self, logits: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, *,
+        image_features: Optional[torch.Tensor] = None, frozen_image_features: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Cross-entropy on the ITM logits plus the method's regulariser."""
         self.check_labels(labels, logits.shape[0])
-        loss = F.cross_entropy(logits, labels.long())
-        extra = self.regularizer(text_features)
+        try:
+            loss = F.cross_entropy(logits, labels.long())
+        except IndexError:  # a label outside [0, C) (on the CPU; checking first would cost a device sync)
+            c = logits.shape[1]
+            raise ValueError(f"labels must lie in [0, {c}) for C={c} classes; got min {int(labels.min())}, "
+                             f"max {int(labels.max())}") from None
+        extra = self.regularizer(
+            text_features, image_features=image_features, frozen_image_features=frozen_image_features
+        )
         return loss if extra is None else loss + extra
 
     def train(self, mode: bool = True):

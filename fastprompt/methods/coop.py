@@ -25,11 +25,14 @@ class CoOp(PromptedCLIP):
         ctx_init: Optional[str],
         ctx_std: float,
         attention_backend: str = "sdpa",
+        depth: int = 1,
     ):
+        # depth > 1 (deep text prompts) is for subclasses (IVLP); CoOp's own options have no depth.
         super().__init__(clip, attention_backend=attention_backend)
         self.classnames = check_classnames(classnames)
         self.text_prompts = TextPrompts(
-            self.text_encoder, self.tokenizer, self.classnames, n_ctx=n_ctx, ctx_init=ctx_init, ctx_std=ctx_std
+            self.text_encoder, self.tokenizer, self.classnames, n_ctx=n_ctx, ctx_init=ctx_init, ctx_std=ctx_std,
+            depth=depth,
         )
 
     def set_classnames(self, classnames: Sequence[str]) -> None:

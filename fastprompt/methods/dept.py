@@ -59,6 +59,8 @@ class DePT(PromptModel):
         self.base = base
         self.method = f"dept+{base.method}"
         self.image_prompted = base.image_prompted
+        self.needs_frozen_image_features = base.needs_frozen_image_features
+        self.gpa_settings = base.gpa_settings  # GPA aggregates the head with the prompts
         self.embed_dim = base.embed_dim
         self.lam, self.fuse, self.head_backend = float(lam), bool(fuse), head_backend
         d = base.embed_dim
@@ -101,18 +103,25 @@ class DePT(PromptModel):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.base.encode_images(images)
 
+    def encode_frozen_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.base.encode_frozen_images(images)
+
     def _classifier(self):
         w, b = self.classifier.weight, self.classifier.bias
         if self.cat_rows is not None:
             return w[self.cat_rows], b[self.cat_rows]
         return w, b
 
-    def head(self, image_features: torch.Tensor, labels: Optional[torch.Tensor]) -> ModelOutput:
+    def head(
+        self, image_features: torch.Tensor, labels: Optional[torch.Tensor], *,
+        frozen_image_features: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
         base = self.base
         text_features = base.cached_text_features(image_features)
+        features = dict(image_features=image_features, frozen_image_features=frozen_image_features)
         if not self.cat_head_active:  # new classes: the CAT classifier knows only the base classes
             logits = itm_logits(image_features.float(), text_features.float(), base.logit_scale)
-            loss = None if labels is None else base.itm_loss(logits, text_features, labels)
+            loss = None if labels is None else base.itm_loss(logits, text_features, labels, **features)
             return ModelOutput(logits=logits, loss=loss)
 
         ops = _head_ops(self.head_backend)
@@ -124,7 +133,8 @@ class DePT(PromptModel):
         if self.cat_rows is not None:
             raise ValueError("train DePT on the classes its head was built for (set_classnames without cat_head_rows)")
         loss = ops.cat_head_loss(image_features, text_features, labels, gamma_txt=self.gamma_txt, beta_txt=self.beta_txt, **head)
-        extra = base.regularizer(text_features)
+        # The base method's own terms, unchanged (KgCoOp's anchor, PromptSRC's KL and L1 terms).
+        extra = base.regularizer(text_features, **features)
         if extra is not None:
             loss = loss + extra
         # The training step reads only the loss: the inference logits are computed if and when they are read.

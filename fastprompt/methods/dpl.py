@@ -1,7 +1,7 @@
 """DPL: deep prompts whose attention is decoupled into prompt and instance sub-processes.
 
-fastprompt's own reading of the DPL abstract (see shared/design DPL.md; the paper has no public
-code). Every layer that holds prompt tokens runs decoupled attention: instance rows (image patches,
+fastprompt's own reading of the DPL abstract (docs/dpl.md states the definition; the paper has no
+public code). Every layer that holds prompt tokens runs decoupled attention: instance rows (image patches,
 text tokens) mix their instance-only attention X->X with their read of the prompts X->P by the
 `instance_mix` rule, prompt rows by `prompt_mix`. The default keeps prompt rows `exact` and fixes
 the instances' share of prompts to c = 0.1, so X->X keeps frozen CLIP's own attention pattern (90%

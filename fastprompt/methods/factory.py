@@ -1,6 +1,6 @@
 """One way to build any method: `build_model("dept+maple", clip, classnames, **options)`.
 
-Options are checked against the method's published defaults (DEPT.md, PROTOCOLS.md): an unknown
+Options are checked against the method's published defaults (docs/methods.md): an unknown
 name or a wrong type is an error that names it.
 """
 from __future__ import annotations
@@ -15,8 +15,10 @@ from .cocoop import CoCoOp
 from .coop import CoOp
 from .dept import DePT
 from .dpl import DPL
+from .ivlp import IVLP
 from .kgcoop import KgCoOp
 from .maple import MaPLe
+from .promptsrc import PromptSRC
 from .zsclip import ZeroShotCLIP
 
 BASE_METHODS = {
@@ -26,9 +28,11 @@ BASE_METHODS = {
     "kgcoop": KgCoOp,
     "maple": MaPLe,
     "dpl": DPL,
+    "ivlp": IVLP,
+    "promptsrc": PromptSRC,
 }
 COMMON_DEFAULTS = {"attention_backend": "sdpa"}
-# DePT's own settings for its base methods (DEPT.md): KgCoOp's term weighs 2.0, not 8.0.
+# DePT's own settings for its base methods (its paper): KgCoOp's term weighs 2.0, not 8.0.
 DEPT_BASE_OVERRIDES = {"kgcoop": {"kg_weight": 2.0}}
 METHOD_NAMES: List[str] = sorted(BASE_METHODS) + [f"dept+{m}" for m in sorted(BASE_METHODS)]
 NULLABLE = {"ctx_init", "n_ctx"}  # options whose value may be None

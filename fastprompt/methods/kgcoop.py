@@ -34,6 +34,7 @@ class KgCoOp(CoOp):
         features = encode_template(self, self.template, self.classnames)
         self.register_buffer("handcrafted_features", features, persistent=False)
 
-    def regularizer(self, text_features: torch.Tensor) -> torch.Tensor:
+    def regularizer(self, text_features: torch.Tensor, **_features) -> torch.Tensor:
+        # Only the text features are regularised (the image features are ignored).
         cos = F.cosine_similarity(text_features.float(), self.handcrafted_features, dim=-1)
         return self.kg_weight * (1.0 - cos.mean())

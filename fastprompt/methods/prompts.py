@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from fastprompt.encoders import TextEncoder
+from fastprompt.errors import ClassNamesError
 
-__all__ = ["ClassTokens", "init_context", "TextPrompts", "CoupledVisionPrompts", "VisionPrompts", "layer_list"]
+__all__ = ["tokenize_class_prompts", "ClassTokens", "init_context", "TextPrompts", "CoupledVisionPrompts", "VisionPrompts", "layer_list"]
 
 
 def layer_list(shallow_and_deep: Sequence[Optional[torch.Tensor]], num_layers: int) -> Optional[List]:
@@ -35,6 +36,30 @@ def check_depth(depth: int, *num_layers: int) -> None:
         raise ValueError(f"depth must be an int between 1 and {min(num_layers)} (the encoders' layers), got {depth!r}")
 
 
+def tokenize_class_prompts(tokenizer, prompts: Sequence[str], classnames: Sequence[str], context_length: int) -> torch.Tensor:
+    """Token ids [C, context_length] of one prompt per class, refusing what the tokenizer would get
+    wrong silently: a prompt longer than the context (its end, the class name included, would be cut,
+    and different names could become the same tokens) and two classes with identical tokens (the
+    tokenizer lower-cases and cleans punctuation, so 'Cat' and 'cat' are one prompt)."""
+    ids = tokenizer(list(prompts), context_length=context_length + 1)  # one spare position tells a cut
+    too_long = [(name, prompt) for name, prompt, row in zip(classnames, prompts, ids) if int(row[context_length]) != 0]
+    if too_long:
+        shown = "; ".join(f"{name!r} (prompt {prompt!r})" for name, prompt in too_long[:3])
+        raise ClassNamesError(
+            f"{len(too_long)} class prompt(s) do not fit the text encoder's context of {context_length} tokens "
+            f"and would be cut: {shown}. Shorten those class names (or use fewer context tokens)"
+        )
+    ids = ids[:, :context_length].contiguous()
+    seen = {}
+    for name, row in zip(classnames, ids.tolist()):
+        key = tuple(row)
+        if key in seen:
+            raise ClassNamesError(f"classes {seen[key]!r} and {name!r} get identical prompt tokens (the tokenizer "
+                             "lower-cases and cleans punctuation); rename one of them")
+        seen[key] = name
+    return ids
+
+
 class ClassTokens(nn.Module):
     """Token embeddings of "<prefix> <class name>." for every class, with n_ctx learnable slots.
 
@@ -48,7 +73,8 @@ class ClassTokens(nn.Module):
         self.n_ctx = n_ctx
         self.num_classes = len(classnames)
         device = text_encoder.token_embedding.weight.device
-        token_ids = tokenizer([f"{prefix} {name}." for name in classnames]).to(device)
+        prompts = [f"{prefix} {name}." for name in classnames]
+        token_ids = tokenize_class_prompts(tokenizer, prompts, classnames, text_encoder.context_length).to(device)
         with torch.no_grad():
             embeddings = text_encoder.embed(token_ids)  # [C, L, W]
         self.register_buffer("token_ids", token_ids, persistent=False)

@@ -8,6 +8,7 @@ import torch
 from fastprompt.clip import ClipBundle
 
 from .base import PromptedCLIP, check_classnames
+from .prompts import tokenize_class_prompts
 from .templates import GENERIC_TEMPLATE
 
 
@@ -16,7 +17,8 @@ def encode_template(model: PromptedCLIP, template: str, classnames: Sequence[str
     if "{}" not in template:
         raise ValueError(f"template {template!r} must contain '{{}}' where the class name goes")
     device = model.text_encoder.token_embedding.weight.device
-    ids = model.tokenizer([template.format(name) for name in classnames]).to(device)
+    prompts = [template.format(name) for name in classnames]
+    ids = tokenize_class_prompts(model.tokenizer, prompts, classnames, model.text_encoder.context_length).to(device)
     with torch.no_grad():
         enc = model.text_encoder
         return enc(enc.embed(ids), enc.pool_index(ids)).float()

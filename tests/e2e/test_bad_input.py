@@ -1,8 +1,11 @@
 """Bad input wherever a user gives it: each is refused with one line that names the bad thing and
 the fix (exit code 2, no traceback), and nothing already written is lost."""
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,20 @@ def test_bad_config_values(override, message, tmp_path, digits_root, capsys):
         pytest.skip("a CUDA device is visible")
     err = _error(capsys, ["train", CONFIG, *TINY, f"data.root={digits_root}", override, f"output_dir={tmp_path}/r"])
     assert message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the Triton kernels run natively")
+def test_a_triton_backend_that_cannot_run_here_is_refused_before_training(tmp_path, digits_root):
+    # Without TRITON_INTERPRET (which the test session sets) the kernels cannot run on the CPU: the
+    # config is refused up front with one line, as a config error, not a traceback from the forward.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "fastprompt", "train", CONFIG, *TINY, f"data.root={digits_root}",
+                           "method.options.attention_backend=triton", f"output_dir={out}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "method.options.attention_backend=triton runs Triton kernels" in proc.stderr
+    assert "attention_backend=sdpa or reference" in proc.stderr and not list(out.rglob("train.log"))
 
 
 def test_output_dir_that_is_a_file(tmp_path, digits_root, capsys):

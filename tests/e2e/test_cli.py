@@ -41,6 +41,8 @@ def test_demo_runs_and_prints_the_table(tmp_path, run_cli, capsys):
                  "data/train/zero", "data/test/nine"):
         assert (out / name).exists(), name
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The run's log says which activation the backbone was built with, and why.
+    assert "backbone fastprompt-tiny: towers built with nn.GELU (random weights" in (out / "seed1/train.log").read_text()
     assert _final_weights(out)  # a checkpoint with the trained tensors
 
     # `fastprompt eval` rebuilds the models from the checkpoints and gets the same accuracies.
@@ -63,7 +65,7 @@ def test_demo_runs_and_prints_the_table(tmp_path, run_cli, capsys):
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, digits_root, fast):
-    from fastprompt.evaluate import run_protocol
+    from fastprompt.protocols import run_protocol
 
     overrides = [*fast, f"data.root={digits_root}", "train.epochs=6", "train.batch_size=2", "optim.lr=0.01"]
     straight_dir = tmp_path / "straight"
@@ -107,6 +109,9 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, digits_root, fast)
         (["train", "configs/base2new/dept_coop.yaml", "model.pretrained=null", "model.name=fastprompt-tiny",
           "train.device=cpu", "data.root=/nonexistent/data"], "/nonexistent/data"),
         (["eval", "/nonexistent/run"], "not a run folder"),
+        (["train", "--method", "dept+copo", "data.root=/data"], "unknown method 'dept+copo'; did you mean 'dept+coop'"),
+        (["train", "configs/demo.yaml", "--method", "coop"], "a CONFIG file or --protocol/--method/--dataset, not both"),
+        (["train", "data.root=/data", "data.dataset=dtd"], "name what to train: --method METHOD"),
     ],
 )
 def test_user_errors_are_one_clear_line(argv, message, capsys, monkeypatch, tmp_path):
@@ -117,14 +122,24 @@ def test_user_errors_are_one_clear_line(argv, message, capsys, monkeypatch, tmp_
     assert err.startswith(f"fastprompt {argv[0]}: error: ") and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "report", "demo"])
+def test_train_composes_the_shipped_layers_outside_a_checkout(tmp_path, digits_root, fast, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: --protocol/--method compose the layers in the package
+    out = tmp_path / "run"
+    assert main(["train", "--protocol", "train_eval", "--method", "dept+coop", *fast, "train.epochs=1",
+                 f"data.root={digits_root}", f"output_dir={out}"]) == 0
+    saved = load_config(out / "config.yaml")
+    assert (saved.protocol.name, saved.method.name, saved.train.epochs) == ("train_eval", "dept+coop", 1)
+    assert json.loads((out / "results.json").read_text())["protocol"] == "train_eval"
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "report", "demo", "config"])
 def test_help_explains_each_command(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "usage: fastprompt " + command in text
-    if command in ("train", "eval"):
+    if command in ("train", "eval", "config"):
         assert "optim.lr=0.002" in text and "protocol.name" in text and "model.pretrained" in text
 
 

@@ -31,7 +31,7 @@ def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Comple
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path, digits_root, fast):
-    from fastprompt.evaluate import run_protocol
+    from fastprompt.protocols import run_protocol
 
     # 4 shots x 5 base classes = 20 images, batch 4: 5 steps per epoch, 3 epochs (warm-up + 2 at lr 0.05).
     overrides = [*fast, f"data.root={digits_root}", "data.shots=4", "train.batch_size=4", "train.log_every=1"]
@@ -61,6 +61,32 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, digits_root, fast):
     assert "batch 4 (2 per process x 2)" in log and log.count("epoch 3/3") == 1  # rank 0 alone logs
     state = json.loads((ddp / "seed1" / "checkpoints" / "step-00000015" / "state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_torchrun_promptsrc_frozen_branch_and_aggregation_equal_one_process(tmp_path, digits_root, fast):
+    """DePT + PromptSRC under DDP: each process encodes the frozen image features of its half of the
+    views in no-grad batches, steps through the DDP wrapper with them, and every rank aggregates the
+    epochs (GPA); the saved aggregate equals one process's."""
+    from fastprompt.protocols import run_protocol
+
+    from fastprompt.config import compose_config
+
+    overrides = [*fast, f"data.root={digits_root}", "data.shots=4", "train.batch_size=4", "method.options.depth=2", "method.options.vis_depth=2", "method.options.gpa_mean=2",
+                 "method.options.gpa_std=1", "train.feature_batch_size=8"]
+    single = tmp_path / "single"
+    run_protocol(compose_config("base2new", "dept+promptsrc", overrides=[*overrides, f"output_dir={single}"]),
+                 say=lambda m: None)
+    ddp = tmp_path / "ddp"
+    proc = _torchrun(2, "train", "--method", "dept+promptsrc", *overrides, f"output_dir={ddp}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    want, got = _weights(single), _weights(ddp)
+    assert set(want) == set(got) and {"classifier.weight", "base.vision_prompts.tokens.1"} <= set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
+    a = json.loads((single / "results.json").read_text())["runs"][0]["train"]["epoch_losses"]
+    b = json.loads((ddp / "results.json").read_text())["runs"][0]["train"]["epoch_losses"]
+    assert b == pytest.approx(a, abs=1e-5)
+    assert "the weights are now the average over 3 epochs" in (ddp / "seed1" / "train.log").read_text()
 
 
 def test_torchrun_refuses_a_batch_that_does_not_split(tmp_path, digits_root, fast):
@@ -107,9 +133,9 @@ def test_every_method_gives_every_trainable_a_gradient():
     clip = load_clip("fastprompt-tiny", None, dtype="fp32", device="cpu")
     checked = 0
     for name in METHOD_NAMES:
-        # The published defaults, with only the depth set (the tiny model has 3 layers): options a
+        # The published defaults, with only the depths set (the tiny model has 3 layers): options a
         # method's chosen variant does not use are refused when passed explicitly.
-        options = {"depth": 2} if "depth" in method_defaults(name) else {}
+        options = {k: 2 for k in ("depth", "vis_depth") if k in method_defaults(name)}
         model = build_model(name, clip, ["cat", "dog", "fox"], **options).train()
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
@@ -127,7 +153,7 @@ def test_sigterm_to_torchrun_saves_once_and_resumes_to_the_single_process_result
     import signal
     import time
 
-    from fastprompt.evaluate import run_protocol
+    from fastprompt.protocols import run_protocol
 
     # 20 images at batch 2: 10 steps per epoch, 4 epochs; one metrics line per step.
     overrides = [*fast, f"data.root={digits_root}", "data.shots=4", "train.batch_size=2", "train.epochs=4",

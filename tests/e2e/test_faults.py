@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fastprompt.checkpoint import CheckpointError, latest_checkpoint_dir, load_checkpoint
+from fastprompt.checkpoint import latest_checkpoint_dir, load_checkpoint
 from fastprompt.cli import main
 from fastprompt.config import load_config
-from fastprompt.evaluate import run_protocol
-from fastprompt.train import fit
+from fastprompt.errors import CheckpointError, DivergenceError
+from fastprompt.protocols import run_protocol
+from fastprompt.training import fit
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "demo.yaml")
@@ -214,7 +215,7 @@ def test_fp16_grad_scaler_skips_inf_steps_and_fp32_stops(tmp_path):
     assert "were skipped by the GradScaler" in (tmp_path / "fp16" / "train.log").read_text()
 
     # Without a GradScaler (fp32, bf16) an inf/NaN loss stops the run instead.
-    with pytest.raises(FloatingPointError, match="training diverged in epoch 0"):
+    with pytest.raises(DivergenceError, match="training diverged in epoch 0"):
         fit(_TinyModel(), _PoisonedSource(float("inf")), _identity,
             load_config(None, [*base, "train.precision=fp32", f"output_dir={tmp_path / 'fp32'}"]),
             tmp_path / "fp32", seed=1)

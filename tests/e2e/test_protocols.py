@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from fastprompt.config import load_config
-from fastprompt.evaluate import harmonic_mean, run_protocol
+from fastprompt.metrics import harmonic_mean
+from fastprompt.protocols import run_protocol
 
 
 def test_base2new_trains_on_base_and_reports_hm(tmp_path, digits_root, fast):
@@ -81,7 +82,7 @@ def test_domain_generalisation_slices_the_cat_head_to_the_target_classes(method)
     switch names."""
     from fastprompt.clip import load_clip
     from fastprompt.data import DatasetSplits
-    from fastprompt.evaluate import _set_target_classes
+    from fastprompt.protocols import set_target_classes
     from fastprompt.methods import build_model
 
     names = ["tench", "goldfish", "shark", "cock", "hen", "ostrich", "finch", "junco", "robin", "jay"]
@@ -96,28 +97,28 @@ def test_domain_generalisation_slices_the_cat_head_to_the_target_classes(method)
     with torch.no_grad():
         full = model(images).logits
         source = DatasetSplits("imagenet", names, [], [], [])
-        _set_target_classes(model, source, DatasetSplits("imagenet_a", [names[r] for r in rows], [], [], [], class_indices=rows))
+        set_target_classes(model, source, DatasetSplits("imagenet_a", [names[r] for r in rows], [], [], [], class_indices=rows))
         subset = model(images).logits
         assert subset.shape == (6, 4)
         torch.testing.assert_close(subset, full[:, rows], rtol=1e-5, atol=1e-5)
         if method.startswith("dept+"):
             # Indices that do not name the source's classes (a model trained on another dataset): ITM only.
             other = DatasetSplits("imagenet_a", ["axolotl", "goldfish", "iguana", "jay"], [], [], [], class_indices=rows)
-            _set_target_classes(model, source, other)
+            set_target_classes(model, source, other)
             assert not model.cat_head_active and model(images).logits.shape == (6, 4)
-            _set_target_classes(model, DatasetSplits("caltech101", names[:3], [], [], []), DatasetSplits(
+            set_target_classes(model, DatasetSplits("caltech101", names[:3], [], [], []), DatasetSplits(
                 "imagenet_r", [names[r] for r in rows], [], [], [], class_indices=rows))
             assert not model.cat_head_active
 
 
 @pytest.mark.parametrize("method,extra,built,on_dtd", [
     ("zsclip", [], "a centered satellite photo of {}.", "{} texture."),
-    ("dept+kgcoop", [], "a centered satellite photo of {}.", "{} texture."),
+    ("dept+kgcoop", [], "a centered satellite photo of {}.", "a photo of a {}, a type of texture."),  # KgCoOp's own
     ("zsclip", ["method.options.template=a {}."], "a {}.", "a {}."),  # the user's choice stands
 ])
 def test_methods_use_each_datasets_template(tmp_path, method, extra, built, on_dtd):
-    """CoOp's per-dataset templates: at build time for the training set, and per target."""
-    from fastprompt.evaluate import Session
+    """Each method's per-dataset templates: at build time for the training set, and per target."""
+    from fastprompt.protocols import Session
 
     cfg = load_config(None, ["model.name=fastprompt-tiny", "model.pretrained=null", "train.device=cpu",
                              f"method.name={method}", "data.dataset=eurosat", f"output_dir={tmp_path}", *extra])

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fastprompt.cli import main
-from fastprompt.config import ConfigError
+from fastprompt.config import ConfigError, config_to_dict, load_config
 from fastprompt.sweep import emit_commands, expand, load_sweep, report_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,6 +111,8 @@ def test_finished_run_with_a_changed_config_is_an_error_not_a_skip(tmp_path, dig
         ({"overrides": ["data.seeds=[1]"]}, "the sweep sets data.seeds itself"),
         ({"overrides": ["optim.lrr=1"]}, "did you mean 'optim.lr'"),
         ({"config": None, "configs_dir": "nowhere"}, "no config for method 'coop'"),
+        ({"config": None, "methods": ["copo"]}, "unknown method 'copo'; did you mean 'coop'?"),
+        ({"config": None, "protocol": "base2old"}, "unknown protocol 'base2old'; did you mean 'base2new'?"),
         ({"output_dir": "runs/{dataset}"}, "use the {method} and {dataset} placeholders"),
         ({"protocol": None}, "'protocol' is required"),
         ({"report_dir": "runs/{protocol}/{method}"}, "uses {method}; one report covers the whole sweep, "
@@ -133,15 +135,26 @@ def test_bad_sweep_files_name_the_problem(change, message, tmp_path, digits_root
     assert not (tmp_path / "sweep").exists()  # nothing ran
 
 
-def test_published_configs_are_found_per_method(tmp_path):
+def test_runs_use_the_shipped_layers_from_any_folder_or_a_configs_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no checkout here: the layers ship inside the package
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"protocol": "base2new", "methods": ["dept+coop", "kgcoop"],
+    path.write_text(yaml.safe_dump({"protocol": "base2new", "methods": ["dept+coop", "cocoop"],
                                     "datasets": ["caltech101", "dtd"], "seeds": [1, 2, 3],
                                     "overrides": ["data.root=/data"], "output_dir": str(tmp_path / "{method}/{dataset}")}))
-    lines = emit_commands(load_sweep(path))
+    sweep = load_sweep(path)
+    lines = emit_commands(sweep)
     assert len(lines) == 2 * 2 * 3
+    assert shlex.split(lines[0])[:6] == ["fastprompt", "train", "--protocol", "base2new", "--method", "dept+coop"]
+    cocoop = next(r for r in expand(sweep) if r.method == "cocoop").config()
+    assert (cocoop.train.batch_size, cocoop.optim.lr, cocoop.data.dataset) == (1, 0.002, "caltech101")
+    published = load_config(REPO / "configs" / "base2new" / "cocoop.yaml", ["data.root=/data",
+                                                                            f"output_dir={cocoop.output_dir}"])
+    assert config_to_dict(cocoop) == config_to_dict(published)
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "configs_dir": str(REPO / "configs")}))
+    lines = emit_commands(load_sweep(path))
     assert str(REPO / "configs" / "base2new" / "dept_coop.yaml") in lines[0]
-    assert str(REPO / "configs" / "base2new" / "kgcoop.yaml") in lines[-1]
+    assert str(REPO / "configs" / "base2new" / "cocoop.yaml") in lines[-1]
 
 
 def test_report_folder_defaults_to_the_run_folders_common_parent(tmp_path, digits_root):

@@ -26,8 +26,9 @@ def clip():
 
 
 def make(method, clip, classes=CLASSES, **options):
-    if "depth" in method_defaults(method):
-        options.setdefault("depth", 2)  # the tiny model has 3 layers
+    for key in ("depth", "vis_depth"):
+        if key in method_defaults(method):
+            options.setdefault(key, 2)  # the tiny model has 3 layers
     return build_model(method, clip, classes, **options)
 
 
@@ -73,7 +74,7 @@ def test_backbone_stays_in_eval_mode(clip):
         assert not any(m.training for m in encoder.modules())
 
 
-@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "dpl"])
+@pytest.mark.parametrize("method", ["coop", "cocoop", "kgcoop", "maple", "dpl", "ivlp", "promptsrc"])
 def test_switching_classnames_matches_a_fresh_build(clip, method):
     torch.manual_seed(1)
     model = make(method, clip).eval()

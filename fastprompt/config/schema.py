@@ -1,5 +1,8 @@
 """Typed run configuration: dataclasses, loaded from YAML plus `key.sub=value` overrides.
 
+The dataclass defaults are the published settings (the DePT paper's, and its base methods'); the
+shipped layers (fastprompt.config.layers) add what a protocol or a method changes.
+
 Strict on purpose: a misspelt key silently falling back to a default is the classic way a
 reproduction drifts by a point, so an unknown key is an error that names it and suggests the
 closest valid one, and a value of the wrong type names the key, the expected type and the value.
@@ -16,8 +19,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from ..atomic_io import atomic_write_bytes
+from ..errors import ConfigError
+
 __all__ = [
-    "ConfigError",
     "ModelConfig",
     "MethodConfig",
     "DataConfig",
@@ -30,11 +35,8 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "save_config",
+    "check_method_options",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value or key the user must fix; the message says which and how."""
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -43,8 +45,10 @@ ProtocolName = Literal["base2new", "cross_dataset", "domain_generalisation", "fe
 
 @dataclass
 class ModelConfig:
-    name: str = "ViT-B-16"  # an open_clip model name (open_clip.list_models()) or a shipped config
-    pretrained: Optional[str] = "openai"  # open_clip tag, a local checkpoint path, or null = random
+    # An open_clip model name (open_clip.list_models()) or a shipped config. OpenAI's weights need
+    # QuickGELU: the `openai` tag and OpenAI's archives build it under any name (fastprompt.clip).
+    name: str = "ViT-B-16-quickgelu"
+    pretrained: Optional[str] = "openai"  # open_clip tag, a local checkpoint (archive or state dict), or null = random
     dtype: Precision = "fp32"  # storage dtype of the frozen CLIP weights
 
 
@@ -93,9 +97,10 @@ class TrainConfig:
     eval_batch_size: int = 100
     num_workers: int = 4
     progress: bool = True  # tqdm bars with images/s and ETA
-    # Exact speed-ups (fastprompt.features): methods with an unprompted image encoder encode each
-    # epoch's augmented views in no-grad batches of about feature_batch_size images, and cache
-    # test-image features on disk (<data.cache_dir or output_dir>/features) across epochs, seeds, methods.
+    # Exact speed-ups (fastprompt.training.step_forward): methods with an unprompted image encoder
+    # encode each epoch's augmented views in no-grad batches of about feature_batch_size images (and
+    # cache test-image features on disk, <data.cache_dir or output_dir>/features, across epochs, seeds,
+    # methods); PromptSRC encodes its frozen-branch image features of the views in such batches.
     precompute_features: bool = True
     feature_batch_size: int = 256
     feature_cache: bool = True
@@ -237,7 +242,7 @@ def _unknown_key(key: str, candidates: list[str], all_keys: list[str]) -> Config
     close = close or [k for k in same_depth if k.rsplit(".", 1)[-1] == leaf][:1]
     close = close or difflib.get_close_matches(key, same_depth, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(candidates)}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key '{key}'{hint} (every key: docs/configs.md)")
 
 
 def _build(cls: type, data: Any, prefix: str, all_keys: list[str]) -> Any:
@@ -348,8 +353,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML; atomically, so a kill mid-write never leaves a truncated file."""
-    from .atomic_io import atomic_write_bytes
-
     atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 

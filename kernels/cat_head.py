@@ -743,7 +743,7 @@ def _dot_types(dtype: torch.dtype):
     """(Triton operand dtype, torch dtype of the stored logit gradients, input_precision) for the
     dots, from the features' dtype. fp32 runs exact fp32 ("ieee") dots; fp16/bf16 run native
     half-precision dots with fp32 accumulation, except bf16 under the interpreter, whose bf16 dot
-    is wrong (STACK.md): there it computes in fp32."""
+    is wrong (docs/kernels.md): there it computes in fp32."""
     if dtype == torch.float16:
         return tl.float16, torch.float16, "ieee"
     if dtype == torch.bfloat16 and not triton_interpreter_enabled():

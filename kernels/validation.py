@@ -291,7 +291,7 @@ def check_triton_runnable(q, *, interpreted: bool, max_head_dim: int) -> None:
             f"triton is first imported, which runs them slowly on the CPU); {fallback}"
         )
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        # The interpreter's bf16 dot products are wrong (STACK.md): refuse rather than return garbage.
+        # The interpreter's bf16 dot products are wrong (docs/kernels.md): refuse rather than return garbage.
         raise ValueError(
             "q is bfloat16 on the CPU: Triton's interpreter computes bf16 wrongly; use float32 or float16 "
             f"there, or {fallback}"

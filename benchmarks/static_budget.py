@@ -599,6 +599,7 @@ def summary(rows: List[Row]) -> str:
     attn = [r for r in rows if r.op == "attention" and r.ratio is not None]
     worst = {k: max((r.ratio for r in attn if r.kernel == k), default=None)
              for k in ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel")}
+    ratio = {k: "-" if v is None else f"{v:.2f}x" for k, v in worst.items()}  # "-": a table without attention rows
     lines.append("")
     lines.append(
         f"Over all {len(rows)} rows ({len({r.scenario for r in rows})} scenarios x "
@@ -606,8 +607,8 @@ def summary(rows: List[Row]) -> str:
         f"spilled bytes max {max(r.spill_bytes for r in rows)}, shared memory max "
         f"{max(r.smem_bytes for r in rows) / 1024:.0f} KB, wgmma wherever expected "
         f"({sum(r.wgmma_expected and r.dtype != 'fp32' for r in rows)} rows); inner loop over the minimal "
-        f"FlashAttention loop, worst case: forward {worst['_forward_kernel']:.2f}x, dQ {worst['_backward_dq_kernel']:.2f}x, "
-        f"dK/dV {worst['_backward_dkdv_kernel']:.2f}x (not budgeted).")
+        f"FlashAttention loop, worst case: forward {ratio['_forward_kernel']}, dQ {ratio['_backward_dq_kernel']}, "
+        f"dK/dV {ratio['_backward_dkdv_kernel']} (not budgeted).")
     return "\n".join(lines)
 
 

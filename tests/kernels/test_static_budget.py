@@ -88,3 +88,14 @@ def test_committed_table_covers_the_current_configs():
                     found = [r for r in rows if r["kernel"] == kernel and r["dtype"] == dtype and r["arch"] == arch
                              and r["config"].startswith(f"{bm}x{bn}x") and r["config"].endswith(f"/w{warps}/s{stages}")]
                     assert found, f"{kernel} {bm}x{bn}/w{warps}/s{stages} {dtype} sm_{arch} is not in {COMMITTED.name}"
+
+
+def test_docs_quote_the_committed_summary():
+    """docs/kernels.md quotes the summary of the committed table word for word (rewrite the quote
+    with the table: `python benchmarks/static_budget.py --render benchmarks/results/static_budget.json`
+    regenerates the summary from the rows)."""
+    table = COMMITTED.with_suffix(".md").read_text()
+    quoted = table.split("## Summary (quoted by docs/kernels.md)\n", 1)[1].split("\n## Every compile", 1)[0].strip()
+    rows = json.loads(COMMITTED.read_text())["rows"]
+    assert f"Over all {len(rows)} rows" in quoted
+    assert quoted in (ROOT / "docs" / "kernels.md").read_text()

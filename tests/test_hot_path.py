@@ -21,6 +21,7 @@ def clip():
     ("dept+maple", {"depth": 2}),
     ("dept+dpl", {"depth": 2}),  # decoupled attention in both towers (language-conditioned text) + CAT head
     ("dpl", {"depth": 2, "modality": "vision", "instance_mix": "learned"}),
+    ("dept+promptsrc", {"depth": 2, "vis_depth": 2}),  # IVLP's deep prompts, PromptSRC's frozen-branch terms
 ])
 def test_training_step_has_no_host_sync(clip, op_counts, method, options):
     head = {"head_backend": "triton"} if method.startswith("dept") else {}

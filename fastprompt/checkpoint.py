@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .atomic_io import atomic_write_bytes
+from .atomic_io import atomic_write_bytes, writing
 from .atomic_io import fsync_dir as _fsync_dir
 from .errors import CheckpointError
 
@@ -105,12 +105,28 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep_last: int = 1,
 ) -> Path:
-    """Write checkpoint `step-<step>` under `root` atomically and point `latest` at it."""
+    """Write checkpoint `step-<step>` under `root` atomically and point `latest` at it. A write that
+    fails (disk full, read-only) raises WriteError and leaves the earlier checkpoints as they were."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
+    with writing(final):
+        try:
+            _write_checkpoint(root, tmp, final, step=step, model_state=model_state, trainer_tensors=trainer_tensors,
+                              meta=meta)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # `latest` still names the previous checkpoint
+            raise
+    _fault_point("latest")
+    atomic_write_bytes(root / LATEST_FILE, name.encode())
+    _prune(root, keep=max(keep_last, 1), current=name)
+    return final
+
+
+def _write_checkpoint(root: Path, tmp: Path, final: Path, *, step: int, model_state: dict, trainer_tensors: dict,
+                      meta: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -123,17 +139,13 @@ def save_checkpoint(
     _fsync_dir(tmp)
     _fault_point("rename")
     if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
-        trash = root / f".{name}.old-{os.getpid()}"
+        trash = root / f".{final.name}.old-{os.getpid()}"
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash)
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    _fault_point("latest")
-    atomic_write_bytes(root / LATEST_FILE, name.encode())
-    _prune(root, keep=max(keep_last, 1), current=name)
-    return final
 
 
 def _prune(root: Path, keep: int, current: str) -> None:

@@ -71,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "wrote); or compose the published settings with --protocol/--method instead")
     _add_layers(train, method_required=False)
     train.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-    train.add_argument("--overwrite", action="store_true",
-                       help="train from scratch even if output_dir holds an earlier run (its checkpoints and "
-                            "results are replaced); without it such a run is refused")
-    train.add_argument("--resume", action="store_true",
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="train from scratch even if output_dir holds an earlier run (its config, checkpoints, "
+                            "logs and results are removed first; the caches stay); without it such a run is refused")
+    again.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its last checkpoint (same output_dir); the "
                             "result equals an uninterrupted run")
 
@@ -332,8 +333,16 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
                "sweep": _sweep, "config": _config}[args.command]
+    from .atomic_io import WRITE_ONLY_ERRNOS, cannot_write
+
     try:
-        handler(args)
+        try:
+            handler(args)
+        except OSError as exc:
+            if isinstance(exc, FastpromptError) or exc.errno not in WRITE_ONLY_ERRNOS:
+                raise
+            # A write outside fastprompt's own writers (a library's cache, ...) met a full or read-only disk.
+            raise cannot_write(exc.filename or "a file", exc) from exc
     except FastpromptError as exc:  # the user's input: say what is wrong, no traceback; a bug keeps its traceback
         if args.traceback or os.environ.get("FASTPROMPT_TRACEBACK"):
             raise
@@ -345,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nfastprompt {args.command}: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        again = ("rerun the same command with --resume to continue from the last checkpoint"
+                 if args.command in ("train", "sweep") else "nothing was lost; rerun the command")
+        print(f"\ninterrupted; {again}", file=sys.stderr)
         return 130
     finally:
         distributed.teardown()

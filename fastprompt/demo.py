@@ -11,7 +11,10 @@ import copy
 import time
 from pathlib import Path
 
+from .atomic_io import writing
 from .config import Config, config_from_dict, apply_overrides
+from .errors import RunFolderError
+from .run_folder import RunFolder
 
 __all__ = ["DEMO_SETTINGS", "FAST_OVERRIDES", "demo_config", "run_demo"]
 
@@ -50,10 +53,6 @@ def _size(path: Path) -> str:
 
 def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fast: bool = False,
              say=print) -> dict:
-    from .data import write_digits_imagefolder
-    from .protocols import run_protocol
-    from .report import markdown_table, write_report
-
     import torch
 
     start = time.perf_counter()
@@ -63,8 +62,27 @@ def run_demo(output_dir: str | Path | None = None, overrides: list[str] = (), fa
         # (10x slower when another process shares the CPU), and results do not depend on it.
         torch.set_num_threads(1)
     out = Path(cfg.output_dir)
+    folder = RunFolder(out)
+
+    def only_a_demo_is_replaced() -> None:  # under the folder's lock
+        earlier, recorded = folder.earlier_run(), folder.recorded_config()
+        if earlier is not None and (recorded is None or recorded["data"]["root"] != cfg.data.root):
+            raise RunFolderError(f"{out} holds a run that is not a demo's ({earlier}); the demo would replace it: "
+                                 "choose another --output-dir")
+        folder.clear_run()
+
+    with folder.locked("fastprompt demo", check=only_a_demo_is_replaced, say=say):
+        return _demo(cfg, out, start, say)
+
+
+def _demo(cfg: Config, out: Path, start: float, say) -> dict:
+    from .data import write_digits_imagefolder
+    from .protocols import run_protocol
+    from .report import markdown_table, write_report
+
     say("fastprompt demo: base-to-new prompt tuning with DePT + CoOp, end to end on this machine\n")
-    root = write_digits_imagefolder(cfg.data.root, image_size=32)
+    with writing(cfg.data.root):
+        root = write_digits_imagefolder(cfg.data.root, image_size=32)
     say(f"data:  scikit-learn's handwritten digits, 1,797 real images, written as an ImageFolder to {root}")
     say("       base classes zero..four (trained on, 16 shots each), new classes five..nine (never seen)")
     say(f"model: {cfg.model.name}, a small open_clip ViT with RANDOM weights (nothing downloaded)")

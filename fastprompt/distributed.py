@@ -38,6 +38,7 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "any_rank",
+    "share_from_main",
     "local_slice",
     "shard",
     "wrap_ddp",
@@ -139,6 +140,16 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return bool(t.item())
+
+
+def share_from_main(value):
+    """Rank 0's `value` on every rank (a small picklable object, e.g. an error to raise everywhere);
+    `value` itself in one process."""
+    if not is_distributed():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
 
 
 def local_slice(global_batch: int) -> slice:

@@ -19,6 +19,8 @@ __all__ = [
     "MissingFileError",
     "CheckpointError",
     "RunFolderError",
+    "RunFolderInUseError",
+    "WriteError",
     "ResultsError",
     "DivergenceError",
 ]
@@ -61,6 +63,24 @@ class CheckpointError(FastpromptError, RuntimeError):
 class RunFolderError(FastpromptError, ValueError):
     """A run folder that cannot be used as asked: not a run folder, or one that already holds a run
     a fresh `train` would replace."""
+
+
+class RunFolderInUseError(RunFolderError):
+    """Another process holds the run folder's lock (a train, eval or sweep running in it); the
+    message names that process: its PID, host and start time."""
+
+
+class WriteError(FastpromptError, OSError):
+    """A file or folder could not be written (read-only, not a folder, disk full, no permission):
+    "cannot write PATH: reason". Whatever was there before is left as it was. `errno` is the
+    operating system's error number."""
+
+    def __init__(self, message: str, errno: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.errno, self.filename = errno, filename
+
+    def __str__(self) -> str:  # OSError's own would show "[Errno N] ..." instead of the message
+        return self.args[0]
 
 
 class ResultsError(FastpromptError, ValueError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .atomic_io import atomic_write_bytes
+
 __all__ = ["markdown_table", "figure", "grouped_bars", "save_figure"]
 
 
@@ -46,10 +48,15 @@ def grouped_bars(ax, groups: Sequence[str], series: dict[str, Sequence[float]], 
 
 
 def save_figure(fig, path: str | Path, *, dpi: int) -> Path:
+    """Write `fig` as a PNG at `path` atomically (a full disk leaves the old file, WriteError)."""
+    import io
+
     import matplotlib.pyplot as plt
 
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=dpi, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
     return path

@@ -32,10 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
-
 from . import distributed
-from .config import Config, ConfigError, compose_config, load_config
+from .config import Config, ConfigError, compose_config, load_config, read_yaml
 from .protocols import run_protocol, silent
 from .report import write_report
 from .run_folder import RunFolder
@@ -104,12 +102,7 @@ def _list(data: dict, key: str, path: Path, kind: type) -> list:
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """Read and check a sweep file; `overrides` (key=value) are appended to its own."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping with protocol, methods, datasets, seeds")
     for key in data:
@@ -222,6 +215,21 @@ def emit_commands(sweep: Sweep) -> list[str]:
     return [run.command(seed) for run in expand(sweep) for seed in run.seeds]
 
 
+def _run_folder(run: SweepRun, folder: RunFolder, label: str, say: Callable[[str], None]) -> dict:
+    """Skip, resume or run one (method, dataset) folder; its status row."""
+    out, cfg = folder.root, run.config()
+    row = {"method": run.method, "dataset": run.dataset, "output_dir": str(out)}
+    if folder.is_complete(run.seeds):
+        folder.check_unchanged(cfg)  # finished with another config: say so rather than report old numbers
+        say(f"{label}: finished, skipped ({out})")
+        return {**row, "status": "finished"}
+    resuming = folder.has_checkpoints()
+    say(f"{label}: {'resuming' if resuming else 'running'} seeds {run.seeds} in {out}")
+    run_protocol(cfg, resume=True, say=lambda m: say("    " + m))
+    folder.record_config(cfg)  # the whole seed list, for `fastprompt eval`
+    return {**row, "status": "resumed" if resuming else "ran"}
+
+
 def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list[dict], Optional[Path]]:
     """Run (or skip, or resume) every run; write each results.json and the report. Returns the
     per-folder status rows and the report path."""
@@ -231,20 +239,9 @@ def run_sweep(sweep: Sweep, *, say: Callable[[str], None] = print) -> tuple[list
     rows = []
     for i, run in enumerate(runs, 1):
         folder = RunFolder(run.output_dir)
-        out = folder.root
         label = f"[{i}/{len(runs)}] {run.method} / {run.dataset}"
-        cfg = run.config()
-        if folder.is_complete(run.seeds):
-            folder.check_unchanged(cfg)  # finished with another config: say so rather than report old numbers
-            say(f"{label}: finished, skipped ({out})")
-            rows.append({"method": run.method, "dataset": run.dataset, "status": "finished", "output_dir": str(out)})
-            continue
-        resuming = folder.has_checkpoints()
-        say(f"{label}: {'resuming' if resuming else 'running'} seeds {run.seeds} in {out}")
-        run_protocol(cfg, resume=True, say=lambda m: say("    " + m))
-        folder.record_config(cfg)  # the whole seed list, for `fastprompt eval`
-        rows.append({"method": run.method, "dataset": run.dataset, "status": "resumed" if resuming else "ran",
-                     "output_dir": str(out)})
+        with folder.locked("fastprompt sweep", shared=True, say=say):  # per-seed jobs may share it, not a seed
+            rows.append(_run_folder(run, folder, label, say))
     report_dir = report_folder(sweep, runs)
     md = report_dir / "report.md"
     if distributed.is_main():

@@ -22,7 +22,7 @@ LAYERS = [
     ("data", ["fastprompt.data"]),
     ("model", ["fastprompt.clip", "fastprompt.encoders", "fastprompt.methods", "fastprompt.compiled",
                "fastprompt.fast_paths"]),
-    ("run folder", ["fastprompt.checkpoint", "fastprompt.run_folder"]),
+    ("run folder", ["fastprompt.checkpoint", "fastprompt.run_lock", "fastprompt.run_folder"]),
     ("training", ["fastprompt.training"]),
     ("metrics", ["fastprompt.metrics"]),
     ("protocols", ["fastprompt.protocols", "fastprompt.report"]),

@@ -137,3 +137,30 @@ def test_atomic_write_that_fails_leaves_the_old_file_and_no_temp(tmp_path, monke
         few_shot._write_atomic(tmp_path / "split.json", {"train": []})
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path, monkeypatch):
+    # A full disk in the middle of a save: WriteError naming the checkpoint, no half-written folder,
+    # and `latest` still names the previous checkpoint, complete.
+    import errno
+
+    import fastprompt.checkpoint as checkpoint
+    from fastprompt.errors import WriteError
+
+    state = {"w": torch.arange(4.0)}
+    save_checkpoint(tmp_path, step=1, model_state=state, trainer_tensors={}, meta={"epoch": 1})
+    real = checkpoint._write_synced
+    calls = []
+
+    def full(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_synced", full)
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'step-00000002'}: No space left on device"):
+        save_checkpoint(tmp_path, step=2, model_state={"w": torch.ones(4)}, trainer_tensors={}, meta={"epoch": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.meta["step"] == 1 and torch.equal(ckpt.model_state["w"], state["w"])

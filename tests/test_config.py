@@ -318,3 +318,94 @@ def test_printed_config_with_overrides_loads_to_the_composed_config(tmp_path, ca
     assert "compile: true" in text and "--dataset dtd train.compile=true data.root=/data" in text
     want = compose_config("few_shot", "dept+kgcoop", dataset="dtd", overrides=["train.compile=true", "data.root=/data"])
     assert config_to_dict(load_config(path)) == config_to_dict(want)
+
+
+# ------------------------------------------------------------------ what a config file may hold
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  epochs: 2\n  precision: fp32\ntrain:\n  epochs: 10\n  precision: bf16\n", "train", (1, 4)),
+    ("optim:\n  lr: 0.01\n  momentum: 0.9\n  lr: 0.1\n", "optim.lr", (2, 4)),
+    ("method:\n  name: coop\n  options:\n    n_ctx: 4\n    n_ctx: 16\n", "method.options.n_ctx", (4, 5)),
+])
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: '{key}' is given twice (lines {lines[0]} and {lines[1]}); the second would "
+                              "silently replace the first: keep one")
+
+
+def test_a_sweep_file_with_a_key_given_twice_is_refused(tmp_path):
+    from fastprompt.sweep import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("protocol: base2new\nmethods: [coop]\ndatasets: [dtd]\nseeds: [1]\nseeds: [1, 2, 3]\n")
+    with pytest.raises(ConfigError, match=r"'seeds' is given twice \(lines 4 and 5\)"):
+        load_sweep(path)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n", "---\n"])
+def test_an_empty_config_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="holds no settings"):
+        load_config(path)
+
+
+def test_a_config_that_is_a_folder_or_not_text(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        load_config(tmp_path)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="is not a text file"):
+        load_config(binary)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.nan", "optim.lr: expected a finite number, got nan"),
+    ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
+    ("optim.lr=-.inf", "optim.lr: expected a finite number, got -inf"),
+    ("optim.lr=nan", "optim.lr: expected a finite number, got 'nan'"),
+    ("optim.lr=1e308", "optim.lr: 1e+308 is out of range (0 < lr <= 10)"),
+    ("optim.lr=0", "optim.lr: 0.0 is out of range (0 < lr <= 10)"),
+    ("optim.momentum=2", "optim.momentum: 2.0 is out of range (0 <= momentum <= 1)"),
+    ("optim.grad_clip=.inf", "optim.grad_clip: expected a finite number"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay: -0.0001 is out of range"),
+    ("train.batch_size=100000000000000000000000", "train.batch_size: 100000000000000000000000 is out of range "
+                                                  "(1 <= batch_size <= 1048576)"),
+    ("train.batch_size=1e30", "train.batch_size: expected int, got '1e30'"),
+    ("train.batch_size=1.0e+30", "train.batch_size: 1000000000000000019884624838656 is out of range"),
+    ("train.epochs=0", "train.epochs: 0 is out of range (1 <= epochs <= 100000)"),
+    ("data.shots=-2", "data.shots: -2 is out of range"),
+    ("data.seeds=[1,-1]", "data.seeds[1]: -1 is out of range (0 <= seeds[1] <= 4294967295)"),
+    ("data.seeds=[99999999999999999999]", "data.seeds[0]: 99999999999999999999 is out of range"),
+    ("protocol.shots=[0]", "protocol.shots[0]: 0 is out of range"),
+    ("method.options.lam=.nan", "method.options.lam: expected a finite number, got nan"),
+    ("output_dir=", "output_dir: empty"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        cfg = load_config(None, ["method.name=dept+coop", override])
+        check_method_options(cfg, ["dept+coop"], {"lam": 0.7})
+    assert message in str(err.value)
+
+
+def test_every_range_bound_is_accepted():
+    from fastprompt.config.schema import RANGES
+
+    for key, (low, high, low_included) in RANGES.items():
+        for value in ([low] if low_included else []) + [high]:
+            cfg = load_config(None, [f"{key}={value}"])
+            section, name = key.split(".")
+            assert getattr(getattr(cfg, section), name) == value, key
+
+
+def test_invalid_yaml_is_one_line_with_where_and_why(tmp_path):
+    path = tmp_path / "tabs.yaml"
+    path.write_text("train:\n\tepochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: not valid YAML at line 2, column 1: found character '\\t' that cannot start "
+                              "any token (YAML indents with spaces, not tabs)")

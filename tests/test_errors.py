@@ -13,6 +13,8 @@ LEGACY_BASES = {
     "MissingFileError": FileNotFoundError,
     "CheckpointError": RuntimeError,
     "RunFolderError": ValueError,
+    "RunFolderInUseError": ValueError,
+    "WriteError": OSError,
     "ResultsError": ValueError,
     "DivergenceError": FloatingPointError,
 }

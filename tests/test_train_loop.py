@@ -133,3 +133,20 @@ def test_resume_refuses_a_changed_config(tmp_path):
     with pytest.raises(ConfigError, match=r"optim.lr: 0.05 -> 0.1"):
         fit(TinyPromptModel(), InMemorySource(), flip_augment, _cfg(tmp_path, "train.epochs=1", "optim.lr=0.1"),
             tmp_path, seed=1, resume=True)
+
+
+def test_optimiser_settings_torch_refuses_are_config_errors():
+    cfg = load_config(None, ["optim.name=adamw", "optim.options.betas=[2, 3]"]).optim
+    with pytest.raises(ConfigError, match=r"torch.optim.AdamW refuses these settings .*betas=\(2, 3\).*: Invalid beta"):
+        build_optimizer(TinyPromptModel(), cfg)
+
+
+def test_settings_that_are_valid_but_rarely_meant_are_warnings():
+    from fastprompt.protocols.session import setting_warnings
+
+    assert setting_warnings(load_config(None, ["train.epochs=5"])) == []
+    warnings = setting_warnings(load_config(None, ["train.epochs=2", "optim.warmup_epochs=2",
+                                                   "protocol.targets=[dtd]"]))
+    assert any("protocol.targets=['dtd'] is ignored" in w and "base2new" in w for w in warnings)
+    assert any("every epoch trains at the warm-up lr 1e-05 and optim.lr=0.0035 is never used" in w for w in warnings)
+    assert setting_warnings(load_config(None, ["train.epochs=1", "method.name=zsclip"])) == []

@@ -30,10 +30,9 @@ import difflib
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
 
 from ..errors import ConfigError
-from .schema import Config, apply_overrides, config_from_dict
+from .schema import Config, apply_overrides, config_from_dict, read_yaml
 
 __all__ = ["LAYERS_DIR", "protocol_names", "method_names", "split_method", "layer_data", "layer_description",
            "method_layer", "dataset_settings", "composed_data", "compose_config"]
@@ -81,7 +80,7 @@ def _layer_path(kind: str, name: str) -> Path:
 
 def layer_data(kind: str, name: str) -> dict:
     """The settings of one layer ("protocols" or "methods")."""
-    data = yaml.safe_load(_layer_path(kind, name).read_text()) or {}
+    data = read_yaml(_layer_path(kind, name), "layer") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"layer {kind}/{name}.yaml: the top level must be a mapping of sections")
     return data

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "ProtocolConfig",
     "Config",
     "load_config",
+    "read_yaml",
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
@@ -153,6 +155,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # .nan, .inf: a number for no key
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:
@@ -206,14 +210,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             fail()
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                number = float(value)
             except ValueError:
                 fail()
-        fail()
+        if number is None:
+            fail()
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -334,17 +346,68 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _duplicate_keys(node: yaml.Node, path: str, source: Path) -> None:
+    """ConfigError for the first mapping key written twice: YAML would let the second replace the first."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
+            full = f"{path}.{key}" if path else str(key)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{source}: '{full}' is given twice (lines {seen[key]} and {line}); the second would "
+                                  "silently replace the first: keep one")
+            seen[key] = line
+            _duplicate_keys(value_node, full, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, f"{path}[{i}]", source)
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The content of a YAML file, strictly: ConfigError when it is missing, not text, not YAML, or
+    sets one key twice (naming the key and both lines)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is a folder, not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8): give a YAML {what}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _duplicate_keys(node, "", path)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML{_yaml_where(exc)}") from None
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """' at line L, column C: what' for a YAML error, on one line."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return ": " + " ".join(str(exc).split())
+    hint = " (YAML indents with spaces, not tabs)" if "\\t" in problem or "\t" in problem else ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{hint}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load YAML (or start from the defaults when `path` is None), apply overrides, validate."""
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path)
+        if data is None or data == {}:
+            raise ConfigError(f"{path} holds no settings (an empty config would train every default, on "
+                              "data.root=data with downloaded weights); write one with `fastprompt config --method "
+                              "METHOD > FILE`, or pass --protocol/--method instead of a file")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides))
@@ -356,27 +419,50 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 
+# Sane ranges, per key: (low, high, low included). A value outside is a typo or a unit mistake
+# (train.batch_size=100000000000000000000000 would silently become the whole training set).
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "data.shots": (1, 1_000_000, True),
+    "data.short_side": (1, 16_384, True),
+    "optim.lr": (0, 10, False),
+    "optim.warmup_lr": (0, 10, True),
+    "optim.momentum": (0, 1, True),
+    "optim.weight_decay": (0, 10, True),
+    "optim.head_lr_mult": (0, 10_000, True),
+    "optim.warmup_epochs": (0, 100_000, True),
+    "optim.grad_clip": (0, 1e9, False),
+    "train.epochs": (1, 100_000, True),
+    "train.batch_size": (1, 1 << 20, True),
+    "train.eval_batch_size": (1, 1 << 20, True),
+    "train.feature_batch_size": (1, 1 << 20, True),
+    "train.log_every": (1, 1_000_000_000, True),
+    "train.checkpoint_every": (1, 1_000_000_000, True),
+    "train.num_workers": (0, 1024, True),
+    "train.text_chunk_size": (1, 1_000_000, True),
+}
+SEED_RANGE = (0, 2**32 - 1)  # what every generator (numpy's too) takes
+
+
+def _in_range(key: str, value, low: float, high: float, low_included: bool) -> None:
+    if value is None:
+        return  # an optional key left unset
+    if not ((value >= low if low_included else value > low) and value <= high):
+        bound = f"{low} {'<=' if low_included else '<'} {key.rsplit('.', 1)[-1]} <= {high}"
+        raise ConfigError(f"{key}: {value} is out of range ({bound})")
+
+
 def _check_values(cfg: Config) -> None:
     """Range checks that types alone do not express."""
-    positive = {
-        "data.shots": cfg.data.shots,
-        "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
-        "train.eval_batch_size": cfg.train.eval_batch_size,
-        "train.log_every": cfg.train.log_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
-        "train.feature_batch_size": cfg.train.feature_batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
-    for key, value in {"optim.lr": cfg.optim.lr, "optim.warmup_lr": cfg.optim.warmup_lr,
-                       "optim.weight_decay": cfg.optim.weight_decay, "optim.head_lr_mult": cfg.optim.head_lr_mult,
-                       "optim.warmup_epochs": cfg.optim.warmup_epochs, "train.num_workers": cfg.train.num_workers}.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
-    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
-        raise ConfigError(f"optim.grad_clip: must be > 0 or null, got {cfg.optim.grad_clip}")
+    for key, (low, high, low_included) in RANGES.items():
+        section, name = key.split(".")
+        _in_range(key, getattr(getattr(cfg, section), name), low, high, low_included)
+    for i, seed in enumerate(cfg.data.seeds):
+        _in_range(f"data.seeds[{i}]", seed, *SEED_RANGE, True)
+    for i, shots in enumerate(cfg.protocol.shots):
+        _in_range(f"protocol.shots[{i}]", shots, *RANGES["data.shots"])
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir: empty; name the run folder, e.g. output_dir=runs/my_run (an empty one would "
+                          "be the current folder)")
     if not cfg.data.seeds:
         raise ConfigError("data.seeds: give at least one seed, e.g. data.seeds=[1,2,3]")
     for key, values in {"data.seeds": cfg.data.seeds, "protocol.shots": cfg.protocol.shots}.items():
@@ -384,8 +470,6 @@ def _check_values(cfg: Config) -> None:
         if twice:  # each would be trained again into the same folder and counted twice in the mean
             raise ConfigError(f"{key}: {twice} listed more than once in {values}; list each once, "
                               f"e.g. {key}=[{','.join(str(v) for v in dict.fromkeys(values))}]")
-    if any(s < 1 for s in cfg.protocol.shots):
-        raise ConfigError(f"protocol.shots: every shot count must be >= 1, got {cfg.protocol.shots}")
     if cfg.protocol.name == "few_shot" and not cfg.protocol.shots:
         raise ConfigError("protocol.shots: protocol 'few_shot' needs at least one shot count, "
                           "e.g. protocol.shots=[1,2,4,8,16]")
@@ -394,10 +478,6 @@ def _check_values(cfg: Config) -> None:
     lo_hi = cfg.data.crop_scale
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
         raise ConfigError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {lo_hi}")
-    if cfg.train.text_chunk_size is not None and cfg.train.text_chunk_size < 1:
-        raise ConfigError(f"train.text_chunk_size: must be >= 1 or null, got {cfg.train.text_chunk_size}")
-    if cfg.data.short_side is not None and cfg.data.short_side < 1:
-        raise ConfigError(f"data.short_side: must be >= 1 or null, got {cfg.data.short_side}")
 
 
 def check_method_options(cfg: Config, method_names: typing.Sequence[str], defaults: dict) -> dict:

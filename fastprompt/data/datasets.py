@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .errors import DatasetError
 from .imagefolder import IMAGEFOLDER_LAYOUT, load_imagefolder
+from .images import require_dir
 from .imagenet import IMAGENET_LAYOUT, load_imagenet, load_imagenet_variant, variant_layout
 from .split_files import FGVC_LAYOUT, load_fgvc_aircraft, load_split_file_dataset, split_file_layout
 from .splits import DatasetSplits, coverage_warnings
@@ -88,14 +89,10 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
-    """Read dataset `name` from the data root `root` (the community layout, docs/datasets.md).
-
-    For "imagefolder", `root` is the image folder itself. For the others `root` is the data root
-    holding e.g. `caltech-101/`; `root` may also be the dataset's own folder when it carries the
-    layout's folder name (e.g. `/data/caltech-101`). Raises DatasetError, naming the path
-    and showing the expected tree, when the layout does not match.
-    """
+def locate_dataset(name: str, root: str | os.PathLike) -> tuple[Path, Path]:
+    """(data root, dataset folder) of dataset `name` under `root`, checked to exist: the cheap part of
+    `load_dataset`, which commands run before anything slow (a weights download). DatasetError
+    naming the path and showing the expected tree otherwise."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
@@ -104,12 +101,24 @@ def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
         state = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout (docs/datasets.md):\n{spec.layout}")
     if spec.folder is None:
-        splits = spec.read(root, root)
-    else:
-        dataset_dir = root / spec.folder
-        if not dataset_dir.exists() and root.name == spec.folder:
-            dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
-        splits = spec.read(root, dataset_dir)
+        return root, root
+    dataset_dir = root / spec.folder
+    if not dataset_dir.exists() and root.name == spec.folder:
+        dataset_dir, root = root, root.parent  # the user pointed at the dataset folder itself
+    require_dir(dataset_dir, f"{name} folder", spec.layout)
+    return root, dataset_dir
+
+
+def load_dataset(name: str, root: str | os.PathLike) -> DatasetSplits:
+    """Read dataset `name` from the data root `root` (the community layout, docs/datasets.md).
+
+    For "imagefolder", `root` is the image folder itself. For the others `root` is the data root
+    holding e.g. `caltech-101/`; `root` may also be the dataset's own folder when it carries the
+    layout's folder name (e.g. `/data/caltech-101`). Raises DatasetError, naming the path
+    and showing the expected tree, when the layout does not match.
+    """
+    root, dataset_dir = locate_dataset(name, root)
+    splits = DATASETS[name].read(root, dataset_dir)
     splits.warnings.extend(coverage_warnings(splits))
     for warning in splits.warnings:
         log.warning(warning)

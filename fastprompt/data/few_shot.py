@@ -55,9 +55,9 @@ def cache_path(cache_dir: str | os.PathLike, name: str, shots: int, seed: int) -
 
 
 def _write_atomic(path: Path, payload: dict) -> None:
-    from ..atomic_io import atomic_write_bytes
+    from ..atomic_io import atomic_write_bytes, ensure_dir
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     atomic_write_bytes(path, json.dumps(payload).encode("utf-8"))
 
 

@@ -5,6 +5,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .errors import DatasetError
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -88,7 +90,9 @@ def split_base_new(splits: DatasetSplits) -> tuple[DatasetSplits, DatasetSplits]
     """
     n = splits.num_classes
     if n < 2:
-        raise ValueError(f"base/new split of {splits.name!r} needs at least 2 classes, it has {n}")
+        raise DatasetError(f"base-to-new needs at least 2 classes (4 to mean anything), and {splits.name!r} has {n}: "
+                           "add classes, or train and test on all of them with protocol train_eval "
+                           "(--protocol train_eval)")
     n_base = math.ceil(n / 2)
     base, new = subset_classes(splits, range(n_base)), subset_classes(splits, range(n_base, n))
     if new.num_classes == 1:

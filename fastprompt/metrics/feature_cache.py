@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from ..atomic_io import atomic_write_bytes
+from ..atomic_io import atomic_write_bytes, ensure_dir
 
 __all__ = ["backbone_fingerprint", "EvalFeatureCache", "encode_samples"]
 
@@ -111,7 +111,7 @@ class EvalFeatureCache:
                 base = 0 if old is None else old.shape[0]
                 store["features"] = added if old is None else torch.cat([old, added.to(old.dtype)])
                 store["keys"].update({k: base + j for j, k in enumerate(new_keys)})
-                self.root.mkdir(parents=True, exist_ok=True)
+                ensure_dir(self.root)
                 ordered = sorted(store["keys"], key=store["keys"].get)
                 atomic_write_bytes(path, st_save({"features": store["features"].contiguous()},
                                                  metadata={"keys": json.dumps(ordered)}))

@@ -15,6 +15,7 @@ def run_base2new(session: Session) -> dict:
     full = session.load_splits()
     for part, half in zip(("base", "new"), split_base_new(full)):
         require_test_images(half, cfg.data.dataset, cfg.data.root, part)
+        session.warn(half.warnings)  # a single new class
 
     def one_seed(seed: int, seed_dir) -> dict:
         base, new = split_base_new(session.few_shot(full, cfg.data.shots, seed))

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..data import DatasetSplits
-from ..run_folder import RESULT_FILE, write_json
+from ..run_folder import RESULT_FILE, evaluated_result, read_json, write_json
 from .session import Session
 
 __all__ = ["run_seeds", "trained_model"]
@@ -16,15 +16,20 @@ def run_seeds(session: Session, keys: tuple[str, ...], run_seed: Callable[[int, 
               describe: Callable[[dict], str], *, shots: Optional[int] = None) -> list[dict]:
     """For each seed of data.seeds, in its own folder (`shots<k>/seed<s>` when `shots` is given):
     reuse it when finished (--resume: a complete result.json holding `keys`, same config), else
-    `run_seed(seed, seed_dir)`, write its result.json and say `describe(result)`."""
+    `run_seed(seed, seed_dir)`, write its result.json and say `describe(result)`. An evaluation
+    (`fastprompt eval`) keeps what training wrote in result.json."""
     runs = []
     for seed in session.cfg.data.seeds:
         seed_dir = session.seed_dir(seed, shots=shots)
-        result = session.finished(seed_dir, seed, keys)
-        if result is None:
-            result = run_seed(seed, seed_dir)
-            write_json(seed_dir / RESULT_FILE, result)
-            session.say(describe(result))
+        with session.folder.seed_locked(seed_dir, "fastprompt " + ("train" if session.train else "eval"),
+                                        say=session.say):
+            result = session.finished(seed_dir, seed, keys)
+            if result is None:
+                result = run_seed(seed, seed_dir)
+                if not session.train:  # `fastprompt eval`: the new accuracies, training's record kept
+                    result = evaluated_result(read_json(seed_dir / RESULT_FILE), result)
+                write_json(seed_dir / RESULT_FILE, result)
+                session.say(describe(result))
         runs.append(result)
     return runs
 

@@ -7,7 +7,7 @@ that the protocols are written once for both styles.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,7 +18,7 @@ from .. import distributed
 from ..checkpoint import latest_checkpoint_dir
 from ..clip import ClipBundle, load_clip
 from ..config import Config, check_method_options, config_to_dict
-from ..data import DatasetSplits, GpuAugment, TrainImageCache, few_shot_split, load_dataset
+from ..data import DatasetSplits, GpuAugment, TrainImageCache, few_shot_split, load_dataset, locate_dataset
 from ..errors import ConfigError, DatasetError
 from ..fast_paths import configure_text
 from ..kernels.validation import check_triton_device
@@ -28,7 +28,7 @@ from ..metrics import Evaluator
 from ..run_folder import RESULT_FILE, RunFolder, checkpoints_dir, finished_result, load_trained
 from ..training import RunLogger, fit, resolve_device, seed_everything
 
-__all__ = ["Say", "silent", "Session", "require_test_images"]
+__all__ = ["Say", "silent", "Session", "require_test_images", "check_data_root"]
 
 Say = Callable[[str], None]
 
@@ -49,6 +49,27 @@ def require_test_images(splits: DatasetSplits, name: str, root: str, part: str =
     raise DatasetError(f"no test images for {what}: nothing found in {where}; {fix}")
 
 
+def check_data_root(cfg: Config) -> None:
+    """The datasets a run reads exist where data.root says (DatasetError otherwise): checked before
+    anything slow or destructive (a weights download, clearing a folder for --overwrite)."""
+    targets = cfg.protocol.targets if cfg.protocol.name in ("cross_dataset", "domain_generalisation") else []
+    for name in dict.fromkeys([cfg.data.dataset, *targets]):
+        locate_dataset(name, cfg.data.root)
+
+
+def setting_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but almost certainly not what was meant."""
+    out = []
+    if cfg.protocol.targets and cfg.protocol.name not in ("cross_dataset", "domain_generalisation"):
+        out.append(f"protocol.targets={cfg.protocol.targets} is ignored: only cross_dataset and domain_generalisation "
+                   f"test target datasets, and this run's protocol is {cfg.protocol.name}")
+    if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.method.name != "zsclip":
+        out.append(f"optim.warmup_epochs={cfg.optim.warmup_epochs} >= train.epochs={cfg.train.epochs}: every epoch "
+                   f"trains at the warm-up lr {cfg.optim.warmup_lr:g} and optim.lr={cfg.optim.lr:g} is never used; "
+                   "train more epochs or set optim.warmup_epochs lower")
+    return out
+
+
 @dataclass
 class Session:
     cfg: Config
@@ -60,11 +81,13 @@ class Session:
     resume: bool = False
     train: bool = True  # False: load each run's checkpoint instead of training (`fastprompt eval`)
     say: Say = print
+    # What the data or settings make doubtful (no test images for a class, a single new class, ...):
+    # said once, written to every seed's train.log and to results.json (and so to report.md).
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def open(cls, cfg: Config, *, resume: bool = False, train: bool = True, say: Say = print) -> "Session":
-        options = check_method_options(cfg, METHOD_NAMES, method_defaults(cfg.method.name)
-                                       if cfg.method.name in METHOD_NAMES else {})
+        options = cls.method_options_of(cfg)
         device = resolve_device(cfg.train.device)
         if not distributed.is_main():
             say = silent  # rank 0 reports for everyone
@@ -72,8 +95,26 @@ class Session:
         folder = RunFolder(cfg.output_dir)
         folder.open(cfg, keep_config=not (train and not resume))
         evaluator = Evaluator.from_config(cfg, clip, device, folder.features_dir(cfg.data.cache_dir))
-        return cls(cfg=cfg, clip=clip, device=device, folder=folder, method_options=options, evaluator=evaluator,
-                   resume=resume, train=train, say=say)
+        session = cls(cfg=cfg, clip=clip, device=device, folder=folder, method_options=options, evaluator=evaluator,
+                      resume=resume, train=train, say=say)
+        if train:
+            session.warn(setting_warnings(cfg))
+        return session
+
+    @staticmethod
+    def method_options_of(cfg: Config) -> dict:
+        """cfg's method name and options, checked against the method's defaults (ConfigError)."""
+        return check_method_options(cfg, METHOD_NAMES, method_defaults(cfg.method.name)
+                                    if cfg.method.name in METHOD_NAMES else {})
+
+    def warn(self, warnings: list[str], *, logged: bool = False) -> None:
+        """Keep `warnings` (once each) for the seeds' train.log and results.json; say the new ones
+        unless `logged` (load_dataset logs its own)."""
+        for warning in warnings:
+            if warning not in self.warnings:
+                self.warnings.append(warning)
+                if not logged:
+                    self.say(f"warning: {warning}")
 
     @staticmethod
     def load_backbone(cfg: Config, device: torch.device, say: Say) -> ClipBundle:
@@ -97,6 +138,7 @@ class Session:
         name = name or self.cfg.data.dataset
         splits = load_dataset(name, self.cfg.data.root)
         require_test_images(splits, name, self.cfg.data.root)
+        self.warn(splits.warnings, logged=True)
         return splits
 
     def few_shot(self, splits: DatasetSplits, shots: int, seed: int) -> DatasetSplits:
@@ -136,7 +178,7 @@ class Session:
         if not any(p.requires_grad for p in model.parameters()):
             return {}  # zero-shot CLIP: nothing to train or load
         if not self.train:
-            meta = load_trained(model, seed_dir, config_to_dict(self.cfg))
+            meta = load_trained(model, seed_dir, config_to_dict(self.cfg), recorded=self.folder.recorded_config())
             return {"loaded_checkpoint_step": meta["step"]}
         if not self.resume and latest_checkpoint_dir(checkpoints_dir(seed_dir)) is not None:
             self.say(f"{seed_dir} holds an earlier checkpoint: training from scratch (--resume continues it)")
@@ -150,6 +192,8 @@ class Session:
         augment = GpuAugment(clip.image_size, clip.mean, clip.std, scale=tuple(cfg.data.crop_scale)).to(self.device)
         logger = RunLogger(seed_dir)
         logger.info(f"backbone {clip.name}: {clip.build_note}")
+        for warning in self.warnings:
+            logger.warning(warning)
         if cache.skipped:
             logger.info(f"skipped {len(cache.skipped)} unreadable training images (data.allow_corrupt=true)")
         try:
@@ -195,7 +239,7 @@ class Session:
         cfg = self.cfg
         return {"protocol": protocol, "dataset": cfg.data.dataset, "method": cfg.method.name,
                 "model": cfg.model.name, "pretrained": cfg.model.pretrained, "shots": cfg.data.shots,
-                "seeds": list(cfg.data.seeds), "config": config_to_dict(cfg)}
+                "seeds": list(cfg.data.seeds), "config": config_to_dict(cfg), "warnings": list(self.warnings)}
 
     def device_name(self) -> str:
         return str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device)

@@ -26,7 +26,7 @@ from ..methods.gpa import GaussianPromptAggregation
 from ..run_folder import checkpoints_dir
 from .batches import BatchSource, EpochBatches, FeatureEncoding, steps_per_epoch
 from .device import epoch_generator, resolve_device
-from .divergence import LossTally, diverged_error
+from .divergence import LossTally, diverged_error, nonfinite_input_error
 from .optim import build_optimizer, set_epoch_lr
 from .precision import Precision
 from .run_log import RunLogger, progress_bar
@@ -106,7 +106,8 @@ def fit(
                 if inside:
                     aug_gen.set_state(at.aug_state)
                 tally = LossTally(device, skips_bad_steps=precision.skips_bad_steps,
-                                  partial=at.partial_loss if inside else None)
+                                  partial=at.partial_loss if inside else None,
+                                  explain=lambda: nonfinite_input_error(source))
                 first = at.batch_in_epoch if inside else 0
                 batches = EpochBatches(source, augment, order, batch_size=bs, steps=per_epoch, first=first,
                                        part=part, device=device, generator=aug_gen, features=features)
@@ -115,7 +116,8 @@ def fit(
                         loss = train_step(forward, inputs, labels, optimizer, precision,
                                           grad_clip=cfg.optim.grad_clip, params=trainable)
                     except (ValueError, RuntimeError) as exc:
-                        diverged = diverged_error(exc, trainable, epoch=epoch, step=step, since_resume=step > at.step)
+                        diverged = nonfinite_input_error(source) or \
+                            diverged_error(exc, trainable, epoch=epoch, step=step, since_resume=step > at.step)
                         if diverged is None:
                             raise
                         raise diverged from exc

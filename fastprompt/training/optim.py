@@ -53,7 +53,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         if key not in accepted:
             raise ConfigError(f"optim.options.{key}: {cls.__name__} takes no such argument")
         kwargs[key] = tuple(value) if isinstance(value, list) else value
-    return cls(param_groups, **kwargs)
+    try:
+        return cls(param_groups, **kwargs)
+    except (ValueError, TypeError) as exc:  # torch checks the values (betas in [0, 1), eps >= 0, ...)
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ConfigError(f"optim: torch.optim.{cls.__name__} refuses these settings ({given}): {exc}; fix "
+                          "optim.options (or optim.lr, optim.momentum, optim.weight_decay)") from exc
 
 
 def epoch_lr(base_lr: float, epoch: int, *, epochs: int, cfg: OptimConfig) -> float:

@@ -9,17 +9,25 @@ import time
 from pathlib import Path
 
 from .. import distributed
+from ..atomic_io import ensure_dir, writing
 from ..run_folder import METRICS_FILE, TRAIN_LOG
 
 __all__ = ["RunLogger", "progress_bar"]
+
+
+class _FileHandler(logging.FileHandler):
+    """A log file whose write errors (disk full) reach the run instead of being printed and dropped."""
+
+    def handleError(self, record) -> None:
+        raise  # inside emit's except: the OSError being handled
 
 
 class RunLogger:
     """A run's log file, JSONL metrics and (when installed) TensorBoard, appended across resumes."""
 
     def __init__(self, run_dir: Path, *, name: str = "fastprompt"):
-        run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / METRICS_FILE
+        self.log_path = run_dir / TRAIN_LOG
         self.log = logging.getLogger(f"{name}.{run_dir.resolve()}")
         self.log.setLevel(logging.INFO)
         self.log.propagate = False
@@ -29,8 +37,10 @@ class RunLogger:
         if not self.enabled:
             self.log.disabled = True
             return
+        ensure_dir(run_dir)
         if not self.log.handlers:
-            handler = logging.FileHandler(run_dir / TRAIN_LOG)
+            with writing(self.log_path):
+                handler = _FileHandler(self.log_path)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             self.log.addHandler(handler)
         try:
@@ -41,13 +51,18 @@ class RunLogger:
             self.tb = None
 
     def info(self, msg: str) -> None:
-        self.log.info(msg)
+        with writing(self.log_path):
+            self.log.info(msg)
+
+    def warning(self, msg: str) -> None:
+        with writing(self.log_path):
+            self.log.warning(msg)
 
     def metrics(self, record: dict) -> None:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.metrics_path, "a") as f:
+        with writing(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None and "step" in record:
             for key, value in record.items():

@@ -20,7 +20,7 @@ from torch import nn
 from fastprompt.checkpoint import latest_checkpoint_dir, load_checkpoint
 from fastprompt.cli import main
 from fastprompt.config import load_config
-from fastprompt.errors import CheckpointError, DivergenceError
+from fastprompt.errors import CheckpointError, DatasetError, DivergenceError
 from fastprompt.protocols import run_protocol
 from fastprompt.training import fit
 
@@ -154,13 +154,16 @@ def test_damaged_checkpoint_is_refused_with_a_clear_message(damage, straight, di
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint_and_advice(digits_root, tmp_path, capsys):
+def test_nan_loss_stops_with_the_last_good_checkpoint_and_advice(digits_root, tmp_path):
     out = tmp_path / "run"
-    # Warm-up epoch at 1e-5 is fine; epoch 2 at lr 1e30 diverges.
-    argv = ["train", CONFIG, *_args(digits_root, out), "optim.lr=1e30"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "training diverged in epoch 1" in err and "became inf/NaN" in err and "Traceback" not in err
+    # Warm-up epoch at 1e-5 is fine; epoch 2 at lr 1e30 diverges. A config refuses such an lr
+    # (optim.lr <= 10), so it is set past the check, as a run that diverges on its own would be.
+    cfg = load_config(CONFIG, _args(digits_root, out))
+    cfg.optim.lr = 1e30
+    with pytest.raises(DivergenceError) as caught:
+        run_protocol(cfg, say=lambda m: None)
+    err = str(caught.value)
+    assert "training diverged in epoch 1" in err and "became inf/NaN" in err
     for advice in ("lower optim.lr", "optim.grad_clip=1.0", "train.precision=bf16", "last good checkpoint is kept"):
         assert advice in err
     ckpt = load_checkpoint(out / "seed1" / "checkpoints")
@@ -216,8 +219,42 @@ def test_fp16_grad_scaler_skips_inf_steps_and_fp32_stops(tmp_path):
 
     # Without a GradScaler (fp32, bf16) an inf/NaN loss stops the run instead.
     with pytest.raises(DivergenceError, match="training diverged in epoch 0"):
-        fit(_TinyModel(), _PoisonedSource(float("inf")), _identity,
+        fit(_TinyModel(), _PoisonedSource(1e30), _identity,
             load_config(None, [*base, "train.precision=fp32", f"output_dir={tmp_path / 'fp32'}"]),
             tmp_path / "fp32", seed=1)
     with pytest.raises(CheckpointError):  # nothing was saved from the diverged epoch
         load_checkpoint(tmp_path / "fp32" / "checkpoints")
+
+
+@pytest.mark.parametrize("precision, value", [("fp32", float("nan")), ("fp32", float("inf")), ("fp16", float("nan"))])
+def test_nan_or_inf_in_the_input_images_is_blamed_on_the_input(precision, value, tmp_path):
+    # Not on the learning rate or mixed precision: the error names the images, found by looking at
+    # them only once the run diverged (fp16: once a whole epoch of steps was skipped).
+    source = _PoisonedSource(1.0)
+    source.images[:] = value if precision == "fp16" else source.images
+    source.images[5] = value
+    cfg = load_config(None, ["train.epochs=2", "train.batch_size=4", "train.device=cpu", "train.progress=false",
+                             "optim.warmup_epochs=0", f"train.precision={precision}", f"output_dir={tmp_path}"])
+    with pytest.raises(DatasetError) as caught:
+        fit(_TinyModel(), source, _identity, cfg, tmp_path, seed=1)
+    message = str(caught.value)
+    count = "24 of 24" if precision == "fp16" else "1 of 24"
+    assert f"{count} training images hold NaN or inf values (the first: image {0 if precision == 'fp16' else 5})" \
+        in message and "not mixed precision" in message
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step-*"))
+
+
+def test_a_nan_image_reaching_the_cat_head_is_blamed_on_the_input(tmp_path):
+    # DePT's head checks its features; without the input check its error read "mixed-precision overflow?".
+    from fastprompt.clip import load_clip
+    from fastprompt.methods import build_model
+
+    clip = load_clip("fastprompt-tiny", None, device="cpu")
+    model = build_model("dept+coop", clip, ["apple", "pear", "plum"], n_ctx=2)
+    source = _PoisonedSource(1.0)
+    source.images = torch.rand(24, 3, clip.image_size, clip.image_size)
+    source.images[7, 0, 3, 3] = float("nan")
+    cfg = load_config(None, ["train.epochs=1", "train.batch_size=4", "train.device=cpu", "train.progress=false",
+                             "train.precision=fp32", "train.precompute_features=false", f"output_dir={tmp_path}"])
+    with pytest.raises(DatasetError, match="1 of 24 training images hold NaN or inf values .the first: image 7."):
+        fit(model, source, _identity, cfg, tmp_path, seed=1)

@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from fastprompt.kernels import cat_head, reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
-from table_common import Rotation, median_ms_host, parse_table_args, run_header, write_report  # noqa: E402
+from table_common import Rotation, median_ms_host, parse_table_args, publish, run_header  # noqa: E402
 
 GPU_BATCHES = (4, 32, 256, 1024)
 GPU_CLASSES = (5, 51, 500, 1000)
@@ -239,13 +239,7 @@ def main(argv=None) -> Path:
                   else "median ms of host timings (5 runs after two warm-ups)",
         "rows": rows,
     }
-    path = write_report(report, args.out, device, args.smoke)
-    print(f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {dtype}, d={d}, lam={LAM}")
-    print(format_table(rows))
-    for name, why in skipped.items():
-        print(f"peer {name}: {why}")
-    print(f"wrote {path}")
-    return path
+    return publish(report, args, device, f"{dtype}, d={d}, lam={LAM}", format_table(rows), skipped)
 
 
 if __name__ == "__main__":

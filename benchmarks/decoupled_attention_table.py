@@ -46,7 +46,7 @@ from fastprompt.kernels.decoupled_attention import decoupled_attention as fused_
 from fastprompt.kernels.decoupled_attention import decoupled_attention_qkv as fused_decoupled_attention_qkv  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
-from table_common import Rotation, median_ms_host, parse_table_args, run_header, write_report  # noqa: E402
+from table_common import Rotation, median_ms_host, parse_table_args, publish, run_header  # noqa: E402
 
 MODES = ("forward", "backward", "both")
 ROTATE = 2
@@ -327,13 +327,7 @@ def main(argv=None) -> Path:
         "flops": "forward 4*D per visible score entry, backward 2.5x forward",
         "rows": rows,
     }
-    path = write_report(report, args.out, device, args.smoke)
-    print(f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {dtype}")
-    print(format_table(rows, copy_gbs))
-    for name, why in skipped.items():
-        print(f"peer {name}: {why}")
-    print(f"wrote {path}")
-    return path
+    return publish(report, args, device, str(dtype), format_table(rows, copy_gbs), skipped)
 
 
 if __name__ == "__main__":

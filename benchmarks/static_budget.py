@@ -406,7 +406,7 @@ def attention_launches(sc: AttentionScenario, dtype: torch.dtype, arch: int = 90
                              instance_mix=sc.instance_mix, prompt_mix=sc.prompt_mix)
     assert path != "sdpa", f"{sc.name}: dispatched to SDPA, no kernel to budget"
     theta_x, theta_p, scalars = da._scalars(
-        sc.heads, sc.head_dim, prompt_start=sc.prompt_start, num_prompts=sc.num_prompts, causal=sc.causal,
+        sc.head_dim, prompt_start=sc.prompt_start, num_prompts=sc.num_prompts, causal=sc.causal,
         prompt_rows_see_all=sc.see_all, instance_mix=sc.instance_mix, prompt_mix=sc.prompt_mix,
         instance_weight=_weight(sc.instance_mix, sc.heads), prompt_weight=_weight(sc.prompt_mix, sc.heads),
         scale=None, path=path)

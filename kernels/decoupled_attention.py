@@ -1034,8 +1034,27 @@ def attention_path(*, num_prompts: int, causal: bool, prompt_rows_see_all: bool,
     return "split"
 
 
-def _scalars(num_heads, head_dim, *, prompt_start, num_prompts, causal, prompt_rows_see_all, instance_mix,
-             prompt_mix, instance_weight, prompt_weight, scale, path):
+def _plan(q, k, v, *, prompt_start, num_prompts, causal, prompt_rows_see_all, instance_mix, prompt_mix,
+          instance_weight, prompt_weight, scale, return_lse=False):
+    """Check a call on the [B, H, N, D] views q, k, v and choose its path: None where SDPA runs it,
+    else the fused kernels' arguments (theta_x, theta_p, scalars)."""
+    check_decoupled_attention_args(
+        q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, instance_mix=instance_mix,
+        prompt_mix=prompt_mix, instance_weight=instance_weight, prompt_weight=prompt_weight, scale=scale,
+    )
+    check_triton_runnable(q, interpreted=INTERPRETED, max_head_dim=128)
+    path = attention_path(num_prompts=num_prompts, causal=causal, prompt_rows_see_all=prompt_rows_see_all,
+                          instance_mix=instance_mix, prompt_mix=prompt_mix, return_lse=return_lse)
+    if path == "sdpa":
+        return None
+    return _scalars(q.shape[3], prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
+                    prompt_rows_see_all=prompt_rows_see_all, instance_mix=instance_mix, prompt_mix=prompt_mix,
+                    instance_weight=instance_weight, prompt_weight=prompt_weight, scale=scale, path=path)
+
+
+def _scalars(head_dim, *, prompt_start, num_prompts, causal, prompt_rows_see_all, instance_mix, prompt_mix,
+             instance_weight, prompt_weight, scale, path):
+    """The fused kernels' arguments for a checked call on `path`: (theta_x, theta_p, scalars)."""
     mode_x, theta_x, c_x = _split_weight(instance_mix, instance_weight)
     mode_p, theta_p, c_p = _split_weight(prompt_mix, prompt_weight)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -1068,19 +1087,12 @@ def decoupled_attention(
     and, with `return_lse=True`, (LSE_P, LSE_X) [B, H, N] float32 (no gradient flows through them).
     Differentiable in q, k, v and in the theta of a `learned` rule.
     """
-    check_decoupled_attention_args(
-        q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, instance_mix=instance_mix,
-        prompt_mix=prompt_mix, instance_weight=instance_weight, prompt_weight=prompt_weight, scale=scale,
-    )
-    check_triton_runnable(q, interpreted=INTERPRETED, max_head_dim=128)
-    path = attention_path(num_prompts=num_prompts, causal=causal, prompt_rows_see_all=prompt_rows_see_all,
-                          instance_mix=instance_mix, prompt_mix=prompt_mix, return_lse=return_lse)
-    if path == "sdpa":
+    plan = _plan(q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
+                 prompt_rows_see_all=prompt_rows_see_all, instance_mix=instance_mix, prompt_mix=prompt_mix,
+                 instance_weight=instance_weight, prompt_weight=prompt_weight, scale=scale, return_lse=return_lse)
+    if plan is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=scale)
-    theta_x, theta_p, scalars = _scalars(
-        q.shape[1], q.shape[3], prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
-        prompt_rows_see_all=prompt_rows_see_all, instance_mix=instance_mix, prompt_mix=prompt_mix,
-        instance_weight=instance_weight, prompt_weight=prompt_weight, scale=scale, path=path)
+    theta_x, theta_p, scalars = plan
     out, lse, _ = decoupled_attention_fwd(q, k, v, theta_x, theta_p, *scalars)
     if return_lse:
         return out, lse[0], lse[1]
@@ -1113,20 +1125,13 @@ def decoupled_attention_qkv(
         raise ValueError(f"qkv must be [B, N, 3E] or [N, B, 3E] with E divisible by num_heads={num_heads}; "
                          f"got {getattr(qkv, 'shape', qkv)}")
     q, k, v = _packed_views(qkv, num_heads, seq_first)
-    check_decoupled_attention_args(
-        q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, instance_mix=instance_mix,
-        prompt_mix=prompt_mix, instance_weight=instance_weight, prompt_weight=prompt_weight, scale=scale,
-    )
-    check_triton_runnable(q, interpreted=INTERPRETED, max_head_dim=128)
-    path = attention_path(num_prompts=num_prompts, causal=causal, prompt_rows_see_all=prompt_rows_see_all,
-                          instance_mix=instance_mix, prompt_mix=prompt_mix)
-    if path == "sdpa":
+    plan = _plan(q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
+                 prompt_rows_see_all=prompt_rows_see_all, instance_mix=instance_mix, prompt_mix=prompt_mix,
+                 instance_weight=instance_weight, prompt_weight=prompt_weight, scale=scale)
+    if plan is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=scale)  # [B, H, N, D]
         o = o.permute(2, 0, 1, 3) if seq_first else o.transpose(1, 2)
         return o.flatten(2)  # a view where SDPA's output is head-interleaved (its CUDA kernels)
-    theta_x, theta_p, scalars = _scalars(
-        num_heads, q.shape[3], prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
-        prompt_rows_see_all=prompt_rows_see_all, instance_mix=instance_mix, prompt_mix=prompt_mix,
-        instance_weight=instance_weight, prompt_weight=prompt_weight, scale=scale, path=path)
+    theta_x, theta_p, scalars = plan
     out, _, _ = decoupled_attention_qkv_fwd(qkv, int(num_heads), bool(seq_first), theta_x, theta_p, *scalars)
     return out

@@ -36,9 +36,9 @@ for stage in "${STAGES[@]}"; do
     $PY benchmarks/cat_head_table.py --out "$RESULTS" || status=1 ;;
   attention)
     step "decoupled attention kernel tests, natively (fp32/fp16/bf16, CLIP shapes, gpu-marked cases)"
-    $PY -m pytest tests/kernels/test_decoupled_attention.py tests/kernels/test_attention_module.py tests/test_triton_backend.py -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/decoupled_attention_gpu_tests.log" || status=1
+    $PY -m pytest tests/kernels/test_decoupled_attention.py tests/kernels/test_attention_module.py tests/kernels/test_openai_clip_dropin.py tests/test_triton_backend.py -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/decoupled_attention_gpu_tests.log" || status=1
     step "decoupled attention table: ViT-B/16 vision + text shapes, bf16, vs eager / flex / SDPA / xformers"
-    $PY benchmarks/attention_table.py --out "$RESULTS" || status=1 ;;
+    $PY benchmarks/decoupled_attention_table.py --out "$RESULTS" || status=1 ;;
   # ---- training throughput (issue 6): fastprompt vs the official-style path, same process, same GPU.
   train_tests)
     step "training fast paths: exactness tests and the bench smoke mode"

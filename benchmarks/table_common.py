@@ -92,3 +92,15 @@ def write_report(report: dict, out_dir: Path, device: torch.device, smoke: bool)
     path = out_dir / f"{report['benchmark']}_{slug}_{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def publish(report: dict, args: argparse.Namespace, device: torch.device, settings: str, table: str,
+            skipped: dict) -> Path:
+    """Write the report (write_report) and print its header line, the table and the skipped peers."""
+    path = write_report(report, args.out, device, args.smoke)
+    print(f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {settings}")
+    print(table)
+    for name, why in skipped.items():
+        print(f"peer {name}: {why}")
+    print(f"wrote {path}")
+    return path

@@ -53,47 +53,55 @@ class PromptAttention:
 LayerAttention = Union[None, PromptAttention, Sequence[Optional[PromptAttention]]]
 
 
-def _triton_decoupled_attention():
+def _triton_decoupled_attention_qkv():
     # Imported lazily: the Triton op needs a GPU or TRITON_INTERPRET=1, the other backends do not.
-    from fastprompt.kernels.decoupled_attention import decoupled_attention
+    from fastprompt.kernels.decoupled_attention import decoupled_attention_qkv
 
-    return decoupled_attention
+    return decoupled_attention_qkv
 
 
 def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     *,
+    heads: int,
     backend: str,
     causal: bool,
     prompt_start: int = 0,
     num_prompts: int = 0,
     spec: Optional[PromptAttention] = None,
 ) -> torch.Tensor:
-    """One layer's attention on [B, H, N, D] tensors through the chosen backend."""
+    """One layer's attention on the packed projection qkv [B, N, 3W] -> [B, N, W] (the out-projection's
+    input) through the chosen backend."""
     standard = spec is None or num_prompts == 0 or spec.is_standard(causal)
+    if backend == "triton":
+        # The fused op reads q, k, v through strides and writes [B, N, W] (and, backward, d qkv) in
+        # place: no layout copy. Standard attention dispatches to SDPA inside it.
+        rules = {} if standard else dict(
+            prompt_rows_see_all=spec.prompt_rows_see_all, instance_mix=spec.instance_mix, prompt_mix=spec.prompt_mix,
+            instance_weight=spec.instance_weight, prompt_weight=spec.prompt_weight)
+        return _triton_decoupled_attention_qkv()(qkv, num_heads=heads, prompt_start=prompt_start,
+                                                 num_prompts=num_prompts, causal=causal, **rules)
+    b, n, _ = qkv.shape
+    q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     if standard:
         if backend == "reference":
-            return ref_ops.decoupled_attention(q, k, v, prompt_start=0, num_prompts=0, causal=causal)
-        if backend == "triton" and num_prompts > 0:
-            return _triton_decoupled_attention()(q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    kwargs = dict(
-        prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
-        prompt_rows_see_all=spec.prompt_rows_see_all, instance_mix=spec.instance_mix,
-        prompt_mix=spec.prompt_mix, instance_weight=spec.instance_weight, prompt_weight=spec.prompt_weight,
-    )
-    if backend == "triton":
-        return _triton_decoupled_attention()(q, k, v, **kwargs)
-    if backend == "sdpa" and spec.instance_mix == spec.prompt_mix == "exact":
+            o = ref_ops.decoupled_attention(q, k, v, prompt_start=0, num_prompts=0, causal=causal)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    elif backend == "sdpa" and spec.instance_mix == spec.prompt_mix == "exact":
         # Exact mixing with prompt rows exempt from causality is standard attention under a custom mask.
         mask = ref_ops.visibility_mask(
-            q.shape[2], prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
+            n, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
             prompt_rows_see_all=spec.prompt_rows_see_all, device=q.device,
         )
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return ref_ops.decoupled_attention(q, k, v, **kwargs)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        o = ref_ops.decoupled_attention(
+            q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
+            prompt_rows_see_all=spec.prompt_rows_see_all, instance_mix=spec.instance_mix,
+            prompt_mix=spec.prompt_mix, instance_weight=spec.instance_weight, prompt_weight=spec.prompt_weight,
+        )
+    return o.transpose(1, 2).reshape(b, n, -1)
 
 
 def _check_blocks(transformer: nn.Module, tower: str) -> List[ResidualAttentionBlock]:
@@ -117,13 +125,11 @@ def _check_blocks(transformer: nn.Module, tower: str) -> List[ResidualAttentionB
 
 
 def _block_forward(block: ResidualAttentionBlock, x: torch.Tensor, attention: Callable) -> torch.Tensor:
-    """open_clip's ResidualAttentionBlock forward, with the attention core swapped for `attention`."""
+    """open_clip's ResidualAttentionBlock forward, with the attention core swapped for `attention`
+    (packed projection [B, N, 3W] -> [B, N, W])."""
     mha = block.attn
-    b, n, width = x.shape
-    heads = mha.num_heads
     qkv = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
-    q, k, v = qkv.view(b, n, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    o = attention(q, k, v).transpose(1, 2).reshape(b, n, width)
+    o = attention(qkv)  # [B, N, width]
     x = x + block.ls_1(F.linear(o, mha.out_proj.weight, mha.out_proj.bias))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -168,9 +174,9 @@ class _Encoder(nn.Module):
                 x = _place_prompts(x, deep_prompts[i], prompt_start, replace=True)
             spec = _layer_spec(attention, i)
 
-            def layer_attention(q, k, v, spec=spec):
+            def layer_attention(qkv, spec=spec, heads=block.attn.num_heads):
                 return attend(
-                    q, k, v, backend=self.attention_backend, causal=causal,
+                    qkv, heads=heads, backend=self.attention_backend, causal=causal,
                     prompt_start=prompt_start, num_prompts=num_prompts, spec=spec,
                 )
 

@@ -31,6 +31,22 @@ def _head_ops(backend: str):
     return reference_ops
 
 
+class _LazyLogitsOutput(ModelOutput):
+    """A training step's output: the loss now, the (reported-only) logits computed on first access."""
+
+    def __init__(self, loss: torch.Tensor, compute_logits):
+        self.loss = loss
+        self._compute_logits = compute_logits
+        self._logits: Optional[torch.Tensor] = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self._compute_logits()
+            self._compute_logits = None
+        return self._logits
+
+
 class DePT(PromptModel):
     DEFAULTS = {"lam": 0.7, "head_backend": "reference", "fuse": True}
 
@@ -121,9 +137,14 @@ class DePT(PromptModel):
         extra = base.regularizer(text_features, **features)
         if extra is not None:
             loss = loss + extra
-        with torch.no_grad():  # the logits are only reported (accuracy); the loss needs no logits
-            logits = ops.cat_head_logits(image_features.detach(), text_features.detach(), fuse=self.fuse, **head)
-        return ModelOutput(logits=logits, loss=loss)
+        # The training step reads only the loss: the inference logits are computed if and when they are read.
+        img, txt = image_features.detach(), text_features.detach()
+
+        def logits():
+            with torch.no_grad():
+                return ops.cat_head_logits(img, txt, fuse=self.fuse, **head)
+
+        return _LazyLogitsOutput(loss, logits)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         groups = {}

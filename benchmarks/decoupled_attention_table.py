@@ -1,7 +1,7 @@
 """Speed of the fused decoupled attention against its peers; prints one table, writes one JSON file.
 
-    python benchmarks/attention_table.py            # GPU: CLIP shapes, bf16
-    python benchmarks/attention_table.py --smoke    # CPU, Triton interpreter, tiny shapes, seconds
+    python benchmarks/decoupled_attention_table.py            # GPU: CLIP shapes, bf16
+    python benchmarks/decoupled_attention_table.py --smoke    # CPU, Triton interpreter, tiny shapes, seconds
 
 Shapes (prompts right after CLS/SOS, prompt_start=1, n_p in {4, 16}):
   vision  ViT-B/16: B=256 images, H=12, N=197+n_p, D=64, no mask
@@ -9,7 +9,12 @@ Shapes (prompts right after CLS/SOS, prompt_start=1, n_p in {4, 16}):
 Rules: exact/exact (standard attention: the fair comparison with SDPA) and fixed/exact (DPL's
 default: instance rows fixed c=0.1, prompt rows exact).
 Implementations:
-  triton   fastprompt.kernels.decoupled_attention (the fused kernels)
+  triton   fastprompt.kernels.decoupled_attention on q, k, v [B, H, N, D] (the fused kernels, or SDPA
+           where the rules make the decomposition the identity: exact/exact without see-all)
+  triton_qkv_bf  decoupled_attention_qkv on the packed projection [B, N, 3E] -> [B, N, E] (batch-first:
+           fastprompt's encoders, open_clip blocks)
+  triton_qkv_sf  the same on [N, B, 3E] -> [N, B, E] (sequence-first: OpenAI CLIP's blocks as the
+           research codebases vendor them, i.e. what swap_attention runs there)
   eager    fastprompt.kernels.reference.decoupled_attention (the spec; materialises the scores)
   flex     two flex_attention(..., return_lse) calls (prompt keys / instance keys, block masks)
            mixed in PyTorch, torch.compile(fullgraph=True)
@@ -38,9 +43,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastprompt.kernels import reference  # noqa: E402
 from fastprompt.kernels.decoupled_attention import decoupled_attention as fused_decoupled_attention  # noqa: E402
+from fastprompt.kernels.decoupled_attention import decoupled_attention_qkv as fused_decoupled_attention_qkv  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
-from table_common import Rotation, median_ms_host, parse_table_args, run_header, write_report  # noqa: E402
+from table_common import Rotation, median_ms_host, parse_table_args, publish, run_header  # noqa: E402
 
 MODES = ("forward", "backward", "both")
 ROTATE = 2
@@ -56,7 +62,11 @@ SMOKE_SHAPES = [
     ("text-like smoke", 2, 2, 13, 16, 1, 4, True, True),
 ]
 PEER_NOTES = {
-    "triton": "fastprompt.kernels.decoupled_attention (fused Triton forward/backward)",
+    "triton": "fastprompt.kernels.decoupled_attention on [B, H, N, D] (fused Triton forward/backward; SDPA "
+              "where the decomposition is the identity)",
+    "triton_qkv_bf": "decoupled_attention_qkv, packed batch-first [B, N, 3E] -> [B, N, E] (no layout copy)",
+    "triton_qkv_sf": "decoupled_attention_qkv, packed sequence-first [N, B, 3E] -> [N, B, E] (OpenAI CLIP layout; "
+                     "what swap_attention runs in CoOp/MaPLe/DePT codebases)",
     "eager": "fastprompt.kernels.reference.decoupled_attention (plain PyTorch spec, fp32 compute)",
     "flex": "two flex_attention(return_lse) calls (prompt / instance block masks) mixed in PyTorch, "
             "torch.compile(fullgraph=True)",
@@ -116,6 +126,8 @@ def implementations(shape, rules, device, smoke):
               **rule_kwargs(rules))
     impls = {
         "triton": lambda q, k, v: fused_decoupled_attention(q, k, v, **kw),
+        "triton_qkv_bf": ("qkv_bf", lambda qkv: fused_decoupled_attention_qkv(qkv, num_heads=h, **kw)),
+        "triton_qkv_sf": ("qkv_sf", lambda qkv: fused_decoupled_attention_qkv(qkv, num_heads=h, seq_first=True, **kw)),
         "eager": lambda q, k, v: reference.decoupled_attention(q, k, v, **kw),
     }
     if smoke or device.type != "cuda":
@@ -139,10 +151,19 @@ def implementations(shape, rules, device, smoke):
 
 
 def make_inputs(shape, dtype, device, seed, layout="bhnd"):
+    """(leaves, dout): q, k, v in [B, H, N, D] ("bhnd") or [B, N, H, D] ("bnhd"), or one packed
+    projection [B, N, 3E] ("qkv_bf") / [N, B, 3E] ("qkv_sf") with dout in the output's layout."""
     _, b, h, n, d, *_ = shape
     g = torch.Generator().manual_seed(seed)
+
+    def rand(*dims):
+        return torch.randn(dims, generator=g).to(device=device, dtype=dtype)
+
+    if layout in ("qkv_bf", "qkv_sf"):
+        lead = (b, n) if layout == "qkv_bf" else (n, b)
+        return [rand(*lead, 3 * h * d).requires_grad_()], rand(*lead, h * d)
     dims = (b, h, n, d) if layout == "bhnd" else (b, n, h, d)
-    q, k, v, dout = (torch.randn(dims, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    q, k, v, dout = (rand(*dims) for _ in range(4))
     return [q.requires_grad_(), k.requires_grad_(), v.requires_grad_()], dout
 
 
@@ -235,7 +256,8 @@ def run(smoke, device, dtype):
             impls, skipped = implementations(shape, rules, device, smoke)
             skipped_all.update(skipped)
             seeds = [1000 * i + 10 * shape[3] + shape[6] for i in range(ROTATE)]
-            sets = {layout: [make_inputs(shape, dtype, device, s, layout) for s in seeds] for layout in ("bhnd", "bnhd")}
+            needed = {entry[0] if isinstance(entry, tuple) else "bhnd" for entry in impls.values()}
+            sets = {layout: [make_inputs(shape, dtype, device, s, layout) for s in seeds] for layout in needed}
             for name, entry in impls.items():
                 layout, fn = entry if isinstance(entry, tuple) else ("bhnd", entry)
                 # SDPA and xformers compute standard attention: time them once per shape (exact rules).
@@ -297,19 +319,15 @@ def main(argv=None) -> Path:
         "copy_bandwidth_GBps": copy_gbs,
         "peers": {k: v for k, v in PEER_NOTES.items() if any(r["impl"] == k for r in rows)},
         "skipped_peers": skipped,
+        "layouts": "triton/eager/flex/sdpa: q, k, v [B, H, N, D]; xformers [B, N, H, D]; triton_qkv_bf / "
+                   "triton_qkv_sf: one packed projection [B, N, 3E] / [N, B, 3E] (the same bytes moved)",
         "timing": "median ms; do_bench (CUDA events, 25 ms warm-up, 100 ms runs)" if device.type == "cuda"
                   else "median ms of host timings (3 runs after two warm-ups)",
         "bytes": "forward 4, backward 7, both 11 tensors of B*H*N*D elements",
         "flops": "forward 4*D per visible score entry, backward 2.5x forward",
         "rows": rows,
     }
-    path = write_report(report, args.out, device, args.smoke)
-    print(f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {dtype}")
-    print(format_table(rows, copy_gbs))
-    for name, why in skipped.items():
-        print(f"peer {name}: {why}")
-    print(f"wrote {path}")
-    return path
+    return publish(report, args, device, str(dtype), format_table(rows, copy_gbs), skipped)
 
 
 if __name__ == "__main__":

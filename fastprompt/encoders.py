@@ -4,9 +4,10 @@ We do not copy weights: each encoder holds references to the open_clip tower's m
 Parameters and re-implements only the forward, so that it can
   * insert shallow prompt tokens at the position a method needs (after CLS, appended to the
     patches, or text positions 1..n_ctx) and replace them with deep prompts at later layers;
-  * route each layer's attention through a chosen backend: `reference` (plain PyTorch, the spec),
-    `sdpa` (torch's fused attention; decoupled layers fall back to the reference op when they are
-    not standard attention), or `triton` (fastprompt's fused decoupled-attention kernel).
+  * route each layer's attention through a chosen backend (fastprompt.backends): `auto` (the
+    default: `triton` on a GPU that runs it, else `sdpa`), `reference` (plain PyTorch, the spec),
+    `sdpa` (torch's fused attention; decoupled layers as fused SDPA calls per segment,
+    fastprompt.kernels.decoupled_attention_sdpa), or `triton` (fastprompt's fused kernel).
 With no prompts, both encoders reproduce open_clip's `encode_image` / `encode_text`.
 """
 from __future__ import annotations
@@ -21,10 +22,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastprompt.kernels import reference as ref_ops
+from fastprompt.kernels.decoupled_attention_sdpa import decoupled_attention_sdpa
+
+from .backends import ATTENTION_BACKENDS, attention_backend_for
 
 __all__ = ["ATTENTION_BACKENDS", "PromptAttention", "ImageEncoder", "TextEncoder", "attend"]
 
-ATTENTION_BACKENDS = ("reference", "sdpa", "triton")
 
 Prompts = Optional[torch.Tensor]  # [n, W] shared by the batch, or [B, n, W] per sample
 LayerPrompts = Optional[Sequence[Prompts]]  # one entry per layer; None keeps the previous layer's tokens
@@ -73,6 +76,7 @@ def attend(
     """One layer's attention on the packed projection qkv [B, N, 3W] -> [B, N, W] (the out-projection's
     input) through the chosen backend."""
     standard = spec is None or num_prompts == 0 or spec.is_standard(causal)
+    backend = attention_backend_for(backend, qkv, qkv.shape[-1] // (3 * heads))
     if backend == "triton":
         # The fused op reads q, k, v through strides and writes [B, N, W] (and, backward, d qkv) in
         # place: no layout copy. Standard attention dispatches to SDPA inside it.
@@ -88,15 +92,10 @@ def attend(
             o = ref_ops.decoupled_attention(q, k, v, prompt_start=0, num_prompts=0, causal=causal)
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    elif backend == "sdpa" and spec.instance_mix == spec.prompt_mix == "exact":
-        # Exact mixing with prompt rows exempt from causality is standard attention under a custom mask.
-        mask = ref_ops.visibility_mask(
-            n, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
-            prompt_rows_see_all=spec.prompt_rows_see_all, device=q.device,
-        )
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
-        o = ref_ops.decoupled_attention(
+        # `sdpa`: the decomposition from fused SDPA calls (no score matrix); `reference`: the eager spec.
+        op = decoupled_attention_sdpa if backend == "sdpa" else ref_ops.decoupled_attention
+        o = op(
             q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
             prompt_rows_see_all=spec.prompt_rows_see_all, instance_mix=spec.instance_mix,
             prompt_mix=spec.prompt_mix, instance_weight=spec.instance_weight, prompt_weight=spec.prompt_weight,
@@ -192,7 +191,7 @@ class ImageEncoder(_Encoder):
     Layer i > 0 may overwrite them with `deep_prompts[i]`. They are dropped before pooling.
     """
 
-    def __init__(self, clip_model: nn.Module, attention_backend: str = "sdpa"):
+    def __init__(self, clip_model: nn.Module, attention_backend: str = "auto"):
         super().__init__(attention_backend)
         visual = clip_model.visual
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
@@ -271,7 +270,7 @@ class TextEncoder(_Encoder):
     cannot influence the output, so they are cut off (`truncate`): exact, and much cheaper.
     """
 
-    def __init__(self, clip_model: nn.Module, attention_backend: str = "sdpa"):
+    def __init__(self, clip_model: nn.Module, attention_backend: str = "auto"):
         super().__init__(attention_backend)
         tower = clip_model.text if hasattr(clip_model, "text") else clip_model
         if isinstance(tower, TextTransformer) and (tower.cls_emb is not None or tower.use_pad_mask):

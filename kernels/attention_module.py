@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decoupled_attention_sdpa import decoupled_attention_sdpa
 from .reference import decoupled_attention as reference_decoupled_attention
 
 __all__ = ["DecoupledAttention", "swap_attention", "mask_is_causal"]
@@ -55,7 +56,9 @@ class DecoupledAttention(nn.Module):
     The prompt range, rules and `prompt_rows_see_all` are attributes: a prompt method may change
     them between calls. For `learned` rules the module owns theta [H] Parameters
     (`instance_theta` / `prompt_theta`, initialised from `*_weight` or zeros, i.e. w = 0.5).
-    `backend="reference"` runs the plain-PyTorch spec instead (any device, no Triton).
+    `backend="sdpa"` computes the same layer from fused SDPA calls per key segment (any device, no
+    Triton, no score matrix: the fast path where Triton cannot run); `backend="reference"` runs the
+    plain-PyTorch spec (any device; materialises the scores: for checking).
     """
 
     def __init__(
@@ -76,11 +79,11 @@ class DecoupledAttention(nn.Module):
         super().__init__()
         self.layer_name = name or "DecoupledAttention"
         _check_swappable(mha, self.layer_name)
-        if backend not in ("triton", "reference"):
-            raise ValueError(f"backend must be 'triton' or 'reference', got {backend!r}")
+        if backend not in ("triton", "sdpa", "reference"):
+            raise ValueError(f"backend must be 'triton', 'sdpa' or 'reference', got {backend!r}")
         if backend == "triton" and importlib.util.find_spec("triton") is None:
             raise ValueError(f"{self.layer_name}: backend='triton' needs Triton, which is not installed on this "
-                             "platform; use backend='reference' (plain PyTorch) or keep nn.MultiheadAttention")
+                             "platform; use backend='sdpa' (fused SDPA calls, any device) or keep nn.MultiheadAttention")
         self.embed_dim = mha.embed_dim
         self.num_heads = mha.num_heads
         self.head_dim = mha.embed_dim // mha.num_heads
@@ -179,14 +182,16 @@ class DecoupledAttention(nn.Module):
 
             out = decoupled_attention_qkv(qkv, num_heads=self.num_heads, seq_first=not self.batch_first, **rules)
         else:
-            out = self._reference(qkv, rules)
+            out = self._unfused(qkv, rules)
         return self.out_proj(out), None
 
-    def _reference(self, qkv: torch.Tensor, rules: dict) -> torch.Tensor:
+    def _unfused(self, qkv: torch.Tensor, rules: dict) -> torch.Tensor:
+        """The `sdpa` or `reference` op on [B, H, N, D] views of the packed projection."""
         parts = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))
         order = (2, 0, 3, 1, 4) if self.batch_first else (2, 1, 3, 0, 4)
         q, k, v = parts.permute(order).unbind(0)
-        o = reference_decoupled_attention(q, k, v, **rules)  # [B, H, N, D]
+        op = decoupled_attention_sdpa if self.backend == "sdpa" else reference_decoupled_attention
+        o = op(q, k, v, **rules)  # [B, H, N, D]
         o = o.transpose(1, 2) if self.batch_first else o.permute(2, 0, 1, 3)
         return o.flatten(2)
 

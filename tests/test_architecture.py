@@ -20,7 +20,7 @@ LAYERS = [
     ("foundation", ["fastprompt.errors", "fastprompt.atomic_io", "fastprompt.distributed", "fastprompt.render"]),
     ("config", ["fastprompt.config"]),
     ("data", ["fastprompt.data"]),
-    ("model", ["fastprompt.clip", "fastprompt.encoders", "fastprompt.methods", "fastprompt.compiled",
+    ("model", ["fastprompt.clip", "fastprompt.backends", "fastprompt.encoders", "fastprompt.methods", "fastprompt.compiled",
                "fastprompt.fast_paths"]),
     ("run folder", ["fastprompt.checkpoint", "fastprompt.run_lock", "fastprompt.run_folder"]),
     ("training", ["fastprompt.training"]),

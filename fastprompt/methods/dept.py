@@ -17,9 +17,8 @@ from torch import nn
 from fastprompt.kernels import reference as reference_ops
 from fastprompt.kernels.reference import itm_logits
 
+from ..backends import HEAD_BACKENDS, head_backend_for
 from .base import ModelOutput, PromptedCLIP, PromptModel
-
-HEAD_BACKENDS = ("reference", "triton")
 
 
 def _head_ops(backend: str):
@@ -48,7 +47,7 @@ class _LazyLogitsOutput(ModelOutput):
 
 
 class DePT(PromptModel):
-    DEFAULTS = {"lam": 0.7, "head_backend": "reference", "fuse": True}
+    DEFAULTS = {"lam": 0.7, "head_backend": "auto", "fuse": True}
 
     def __init__(self, base: PromptedCLIP, *, lam: float, head_backend: str, fuse: bool):
         super().__init__()
@@ -124,7 +123,7 @@ class DePT(PromptModel):
             loss = None if labels is None else base.itm_loss(logits, text_features, labels, **features)
             return ModelOutput(logits=logits, loss=loss)
 
-        ops = _head_ops(self.head_backend)
+        ops = _head_ops(head_backend_for(self.head_backend, image_features))
         weight, bias = self._classifier()
         head = dict(gamma_img=self.gamma_img, beta_img=self.beta_img, weight=weight, bias=bias, logit_scale=base.logit_scale, lam=self.lam)
         if labels is None:

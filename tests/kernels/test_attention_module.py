@@ -69,17 +69,18 @@ def test_dpl_rules_match_the_reference_backend_forward_and_backward():
     options = dict(prompt_start=1, num_prompts=4, prompt_rows_see_all=True, instance_mix="fixed",
                    instance_weight=0.2, prompt_mix="learned", prompt_weight=torch.randn(4))
     results = []
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "sdpa", "reference"):
         m = copy.deepcopy(model)
         swap_attention(m, backend=backend, **options)
         feats = torch.cat([m.encode_image(images), m.encode_text(tokens)])
         (feats * torch.linspace(-1, 1, feats.numel(), device=DEVICE).view_as(feats)).sum().backward()
         theta_grads = torch.stack([mod.prompt_theta.grad for mod in m.modules() if isinstance(mod, DecoupledAttention)])
         results.append((feats.detach(), m.transformer.resblocks[0].attn.in_proj_weight.grad, theta_grads))
-    (f_tri, g_tri, t_tri), (f_ref, g_ref, t_ref) = results
-    assert _rel(f_tri, f_ref) < 2e-5
-    assert _rel(g_tri, g_ref) < 2e-5
-    assert _rel(t_tri, t_ref) < 1e-4 and t_ref.abs().max() > 0
+    (f_tri, g_tri, t_tri), (f_sdpa, g_sdpa, t_sdpa), (f_ref, g_ref, t_ref) = results
+    for f, g, t in ((f_tri, g_tri, t_tri), (f_sdpa, g_sdpa, t_sdpa)):
+        assert _rel(f, f_ref) < 2e-5
+        assert _rel(g, g_ref) < 2e-5
+        assert _rel(t, t_ref) < 1e-4 and t_ref.abs().max() > 0
     # The rules change the function: the exact model gives different features.
     with torch.no_grad():
         exact = torch.cat([model.encode_image(images), model.encode_text(tokens)])

@@ -438,11 +438,25 @@ def test_benchmark_table_smoke_mode_writes_its_report(tmp_path):
     report = json.loads(module.main(["--smoke", "--out", str(tmp_path)]).read_text())
     assert report["benchmark"] == "decoupled_attention" and report["mode"].startswith("smoke")
     impls = {(r["shape"], r["rules"], r["impl"]) for r in report["rows"]}
-    assert len(impls) == len(module.SMOKE_SHAPES) * len(module.RULES) * 4  # triton, both packed layouts, eager
-    assert {"triton_qkv_bf", "triton_qkv_sf"} <= {r["impl"] for r in report["rows"]}
+    # triton, both packed layouts, the SDPA segments, eager
+    assert len(impls) == len(module.SMOKE_SHAPES) * len(module.RULES) * 5
+    assert {"triton_qkv_bf", "triton_qkv_sf", "sdpa_segments"} <= {r["impl"] for r in report["rows"]}
     for row in report["rows"]:
         for mode in module.MODES:
             assert row[f"{mode}_ms"] is not None and row[f"{mode}_ms"] > 0, row
+
+    # --cpu: the paths without Triton, timed on the CPU (tiny shapes here, to keep CI short), compared
+    # with what `auto` runs there.
+    module.CPU_SHAPES = module.SMOKE_SHAPES
+    report = json.loads(module.main(["--cpu", "--out", str(tmp_path / "cpu")]).read_text())
+    assert report["mode"].startswith("cpu") and report["ours"] == "sdpa_segments" and "process" in report["timing"]
+    rows = {(r["shape"], r["rules"], r["impl"]): r for r in report["rows"]}
+    assert {impl for _, _, impl in rows} == {"sdpa_segments", "eager", "sdpa"}
+    for (shape, rules, impl), row in rows.items():
+        assert row["both_ms"] > 0
+        if impl == "sdpa_segments":
+            assert row["both_peer_over_ours"] == 1.0
+    assert "triton" in report["skipped_peers"]
 
 
 # --- the fast paths: every run of unmasked and masked blocks, the single-state path, dispatch ------

@@ -107,3 +107,23 @@ def test_bad_arguments_raise_the_reference_errors():
         decoupled_attention_sdpa(q, q, q, prompt_start=4, num_prompts=3)
     with pytest.raises(ValueError, match="instance_mix"):
         decoupled_attention_sdpa(q, q, q, prompt_start=0, num_prompts=1, instance_mix="soft")
+
+
+@pytest.mark.parametrize("rules", [("fixed", "exact"), ("learned", "detached")])
+def test_a_retained_graph_differentiates_twice(rules):
+    """backward(retain_graph=True) then backward again (the attention table's backward-alone timing,
+    or a user's double pass): the second pass rebuilds the consumed inner graph and gives the same
+    gradients, equal to the float64 reference's."""
+    qkv = _inputs(2, 3, 21, 8, seed=5)
+    weights = [_weights(rules[0], 3, torch.float64, 1), _weights(rules[1], 3, torch.float64, 2)]
+    kw = dict(prompt_start=1, num_prompts=4, causal=True, instance_mix=rules[0], prompt_mix=rules[1],
+              instance_weight=weights[0], prompt_weight=weights[1])
+    leaves = [*qkv] + [w for w in weights if isinstance(w, torch.Tensor)]
+    out = decoupled_attention_sdpa(*qkv, **kw)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, dout)
+    ref = torch.autograd.grad(reference.decoupled_attention(*qkv, **kw), leaves, dout)
+    for a, b, r in zip(first, second, ref):
+        assert torch.equal(a, b)
+        assert _rel(a, r) < 1e-12

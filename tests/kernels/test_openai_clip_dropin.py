@@ -185,8 +185,9 @@ def _swap(model, **rules):
 @pytest.mark.parametrize("dispatch", [True, False], ids=["sdpa_dispatch", "fused_kernel"])
 @pytest.mark.parametrize("rules", [
     dict(),  # exact/exact: standard attention at any prompt range
+    dict(backend="sdpa"),  # the module's fused-SDPA path, same layouts
     dict(backend="reference"),  # the module's plain-PyTorch path, same layouts
-], ids=["triton", "reference"])
+], ids=["triton", "sdpa", "reference"])
 def test_exact_rules_reproduce_the_unswapped_model(base_model, monkeypatch, dispatch, rules):
     """Image and text towers, forward and backward (prompts, deep prompts, projection weights)."""
     monkeypatch.setattr(fused, "DISPATCH_TO_SDPA", dispatch)

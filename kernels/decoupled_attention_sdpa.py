@@ -152,6 +152,10 @@ def _segments(t: torch.Tensor, lay: _Layout):
     return t[:, :, : lay.prompt_start], t[:, :, lay.prompt_start : pe], t[:, :, pe:]
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class _SegmentedAttention(torch.autograd.Function):
     """Autograd over the segments: each segment of q, k, v is a leaf of an inner graph, so the
     backward writes each input gradient once (one concatenation) instead of zero-filling a full
@@ -166,7 +170,9 @@ class _SegmentedAttention(torch.autograd.Function):
 
         qs, ks, vs = ([leaf(s) for s in _segments(t, lay)] for t in (q, k, v))
         weights = [leaf(w) if isinstance(w, torch.Tensor) else w for w in (instance_weight, prompt_weight)]
-        with torch.enable_grad():
+        # The inner graph keeps its own saved tensors: an enclosing torch.utils.checkpoint's hooks
+        # would otherwise recompute the whole checkpointed region each time it reads one of them.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             out = _join(*_decomposed(qs, ks, vs, *weights, lay))
         return out, qs + ks + vs, weights
 

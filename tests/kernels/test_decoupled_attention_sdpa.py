@@ -127,3 +127,27 @@ def test_a_retained_graph_differentiates_twice(rules):
     for a, b, r in zip(first, second, ref):
         assert torch.equal(a, b)
         assert _rel(a, r) < 1e-12
+
+
+def test_inside_a_checkpoint_the_region_is_recomputed_once():
+    """Under torch.utils.checkpoint (how fastprompt encodes long class lists in chunks) the op's inner
+    graph keeps its own tensors: backward recomputes the checkpointed region once, as for any op, and
+    the gradients equal the float64 reference's."""
+    from torch.utils.checkpoint import checkpoint
+
+    qkv = _inputs(2, 3, 13, 8, seed=9)
+    kw = dict(prompt_start=1, num_prompts=4, causal=True, prompt_rows_see_all=True, instance_mix="fixed",
+              instance_weight=0.3)
+    runs = []
+
+    def region(q, k, v):
+        runs.append(1)
+        return decoupled_attention_sdpa(q.sin(), k, v, **kw).cos()
+
+    out = checkpoint(region, *qkv, use_reentrant=False)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, qkv, dout)
+    want = torch.autograd.grad(reference.decoupled_attention(qkv[0].sin(), *qkv[1:], **kw).cos(), qkv, dout)
+    assert len(runs) == 2  # the forward, and one recomputation
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-12

@@ -4,7 +4,9 @@
     python benchmarks/cat_head_table.py --smoke    # CPU, Triton interpreter, tiny shapes, seconds
 
 Implementations (all compute the full DePT loss, (1-lam) CE(z_ITM) + lam CE(z_CAT) over 2B rows):
-  triton   fastprompt.kernels.cat_head.cat_head_loss (validates labels/finiteness: one host sync)
+  triton   fastprompt.kernels.cat_head.cat_head_loss (5 launches, no host sync: labels and the scale
+           are checked on the device)
+  triton_checked  the same with cat_head.CHECK_VALUES = True (the host-side value checks: one sync)
   eager    fastprompt.kernels.reference.cat_head_loss (the spec, with the same validation)
   compile  torch.compile(fullgraph=True) of the reference's maths without the data-dependent
            checks (they would break the graph)
@@ -32,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from fastprompt.kernels import cat_head, reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helper beside this script, however it is loaded
-from table_common import Rotation, median_ms_host, parse_table_args, run_header, write_report  # noqa: E402
+from table_common import Rotation, median_ms_host, parse_table_args, publish, run_header  # noqa: E402
 
 GPU_BATCHES = (4, 32, 256, 1024)
 GPU_CLASSES = (5, 51, 500, 1000)
@@ -46,8 +48,8 @@ MODES = ("forward", "backward", "both")
 PARAM_NAMES = ("gamma_img", "beta_img", "gamma_txt", "beta_txt", "weight", "bias")
 
 PEER_NOTES = {
-    "triton": "fastprompt.kernels.cat_head.cat_head_loss (fused Triton; includes its one-sync value checks)",
-    "triton_nocheck": "the same with cat_head.CHECK_VALUES = False (no host sync: what a validated training loop runs)",
+    "triton": "fastprompt.kernels.cat_head.cat_head_loss (fused Triton, 5 launches fwd+bwd, no host sync)",
+    "triton_checked": "the same with cat_head.CHECK_VALUES = True (host-side value checks, one sync per call)",
     "eager": "fastprompt.kernels.reference.cat_head_loss (plain PyTorch spec, fp32 compute, value checks)",
     "compile": "torch.compile(fullgraph=True) of the reference maths without data-dependent checks (fp32 compute, like eager)",
     "liger": "Liger-Kernel LigerFusedLinearCrossEntropyLoss for the CAT part + eager ITM; grads computed in forward",
@@ -109,8 +111,8 @@ def _liger_loss_factory():
     return liger_loss
 
 
-def _triton_without_value_checks(*args, **kwargs):
-    previous, cat_head.CHECK_VALUES = cat_head.CHECK_VALUES, False
+def _triton_with_host_checks(*args, **kwargs):
+    previous, cat_head.CHECK_VALUES = cat_head.CHECK_VALUES, True
     try:
         return cat_head.cat_head_loss(*args, **kwargs)
     finally:
@@ -119,7 +121,7 @@ def _triton_without_value_checks(*args, **kwargs):
 
 def implementations(device: torch.device, smoke: bool):
     """name -> loss function with the reference's signature; peers that cannot run here are left out."""
-    impls = {"triton": cat_head.cat_head_loss, "triton_nocheck": _triton_without_value_checks,
+    impls = {"triton": cat_head.cat_head_loss, "triton_checked": _triton_with_host_checks,
              "eager": reference.cat_head_loss}
     if smoke or device.type != "cuda":
         return impls, {"compile": "skipped in smoke mode (minutes of compilation on a CPU)",
@@ -237,13 +239,7 @@ def main(argv=None) -> Path:
                   else "median ms of host timings (5 runs after two warm-ups)",
         "rows": rows,
     }
-    path = write_report(report, args.out, device, args.smoke)
-    print(f"{report['device']} | torch {report['torch']} | triton {report['triton']} | {dtype}, d={d}, lam={LAM}")
-    print(format_table(rows))
-    for name, why in skipped.items():
-        print(f"peer {name}: {why}")
-    print(f"wrote {path}")
-    return path
+    return publish(report, args, device, f"{dtype}, d={d}, lam={LAM}", format_table(rows), skipped)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # the repo root on the GPU machine (device tool: carry [".whl"]):
 #     bash benchmarks/gpu.sh              every stage, in order (longer than one 10-minute device call)
 #     bash benchmarks/gpu.sh STAGE...     some stages (one or two per device call; none timed on a GPU yet):
-#         cat_head  attention  train_tests  train_grid  train_compiled  vision_mfu  max_batch  whole_runs
+#         cat_head  attention  train_tests  train_grid  train_compiled  precompute  vision_mfu  max_batch  whole_runs
 #     (TRAIN_GRID_ARGS="--methods dept+coop dept+maple" narrows the grid; RUN_EPOCHS=1 shortens whole_runs)
 # Results land in benchmarks/results/ (and in $OUT when the device tool sets it); commit them here.
 # A failing stage is reported and the next stages still run; the exit status says if any failed.
@@ -14,7 +14,7 @@ PY=${PY:-python3}
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
-ALL_STAGES=(cat_head attention train_tests train_grid train_compiled vision_mfu max_batch whole_runs)
+ALL_STAGES=(cat_head attention train_tests train_grid train_compiled precompute vision_mfu max_batch whole_runs)
 STAGES=("${@:-${ALL_STAGES[@]}}")
 status=0
 step() { echo; echo "=== $* ==="; }
@@ -36,9 +36,9 @@ for stage in "${STAGES[@]}"; do
     $PY benchmarks/cat_head_table.py --out "$RESULTS" || status=1 ;;
   attention)
     step "decoupled attention kernel tests, natively (fp32/fp16/bf16, CLIP shapes, gpu-marked cases)"
-    $PY -m pytest tests/kernels/test_decoupled_attention.py tests/kernels/test_attention_module.py tests/test_triton_backend.py -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/decoupled_attention_gpu_tests.log" || status=1
+    $PY -m pytest tests/kernels/test_decoupled_attention.py tests/kernels/test_attention_module.py tests/kernels/test_openai_clip_dropin.py tests/test_triton_backend.py -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/decoupled_attention_gpu_tests.log" || status=1
     step "decoupled attention table: ViT-B/16 vision + text shapes, bf16, vs eager / flex / SDPA / xformers"
-    $PY benchmarks/attention_table.py --out "$RESULTS" || status=1 ;;
+    $PY benchmarks/decoupled_attention_table.py --out "$RESULTS" || status=1 ;;
   # ---- training throughput (issue 6): fastprompt vs the official-style path, same process, same GPU.
   train_tests)
     step "training fast paths: exactness tests and the bench smoke mode"
@@ -49,6 +49,9 @@ for stage in "${STAGES[@]}"; do
   train_compiled)
     step "train bench, fast path compiled (dynamic class count) + CUDA graphs"
     $PY -m fastprompt bench train --out "$RESULTS" --styles fast --compile --cuda-graphs ${TRAIN_GRID_ARGS:-} || status=1 ;;
+  precompute)
+    step "image features encoded ahead vs in each step (the measurement behind train.precompute_features' default)"
+    $PY -m fastprompt bench train --out "$RESULTS" --no-steps --precompute coop dept+coop --batches 4 32 128 --classes 50 1000 || status=1 ;;
   vision_mfu)
     step "prompted image encoder alone (MaPLe, DPL): forward + backward at batch 128, MFU"
     $PY -m fastprompt bench train --out "$RESULTS" --no-steps --batches 128 --vision-mfu maple dpl dept+maple || status=1 ;;

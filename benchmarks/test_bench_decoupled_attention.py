@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the fused decoupled attention and its peers (see attention_table.py).
+"""pytest-benchmark suite for the fused decoupled attention and its peers (see decoupled_attention_table.py).
 
     pytest benchmarks/test_bench_decoupled_attention.py --benchmark-enable   # on a GPU: CLIP shapes, bf16
 Without a GPU it runs the smoke shapes in float32 through the Triton interpreter (CI: with the
@@ -9,14 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import attention_table as table
+import decoupled_attention_table as table
 from table_common import synced
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = table.GPU_SHAPES if CUDA else table.SMOKE_SHAPES
-IMPL_NAMES = ("triton", "eager", "flex", "sdpa", "xformers") if CUDA else ("triton", "eager")
+IMPL_NAMES = (("triton", "triton_qkv_bf", "triton_qkv_sf", "eager", "flex", "sdpa", "xformers") if CUDA
+              else ("triton", "triton_qkv_bf", "triton_qkv_sf", "eager"))
 
 
 @pytest.mark.parametrize("mode", table.MODES)

@@ -233,6 +233,11 @@ def _add_bench_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-test-per-class", type=_positive_int, default=None, help="test images per class (default 50; smoke 2)")
     p.add_argument("--max-batch", nargs="*", default=None, metavar="METHOD",
                    help="largest batch that fits, both styles, at the largest class count (GPU)")
+    p.add_argument("--precompute", nargs="*", default=None, metavar="METHOD",
+                   help="fast steps with the no-grad image features encoded ahead vs in each step, the measurement "
+                        "behind train.precompute_features=auto (default coop)")
+    p.add_argument("--feature-batch", type=_positive_int, default=None,
+                   help="images per no-grad feature batch (train.feature_batch_size; default 512; smoke 8)")
     p.add_argument("--vision-mfu", nargs="*", default=None, metavar="METHOD",
                    help="MFU of the prompted image encoder's forward+backward alone at the largest batch "
                         "(default maple dpl)")

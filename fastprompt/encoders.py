@@ -4,9 +4,10 @@ We do not copy weights: each encoder holds references to the open_clip tower's m
 Parameters and re-implements only the forward, so that it can
   * insert shallow prompt tokens at the position a method needs (after CLS, appended to the
     patches, or text positions 1..n_ctx) and replace them with deep prompts at later layers;
-  * route each layer's attention through a chosen backend: `reference` (plain PyTorch, the spec),
-    `sdpa` (torch's fused attention; decoupled layers fall back to the reference op when they are
-    not standard attention), or `triton` (fastprompt's fused decoupled-attention kernel).
+  * route each layer's attention through a chosen backend (fastprompt.backends): `auto` (the
+    default: `triton` on a GPU that runs it, else `sdpa`), `reference` (plain PyTorch, the spec),
+    `sdpa` (torch's fused attention; decoupled layers as fused SDPA calls per segment,
+    fastprompt.kernels.decoupled_attention_sdpa), or `triton` (fastprompt's fused kernel).
 With no prompts, both encoders reproduce open_clip's `encode_image` / `encode_text`.
 """
 from __future__ import annotations
@@ -21,10 +22,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastprompt.kernels import reference as ref_ops
+from fastprompt.kernels.decoupled_attention_sdpa import decoupled_attention_sdpa
+
+from .backends import ATTENTION_BACKENDS, attention_backend_for
 
 __all__ = ["ATTENTION_BACKENDS", "PromptAttention", "ImageEncoder", "TextEncoder", "attend"]
 
-ATTENTION_BACKENDS = ("reference", "sdpa", "triton")
 
 Prompts = Optional[torch.Tensor]  # [n, W] shared by the batch, or [B, n, W] per sample
 LayerPrompts = Optional[Sequence[Prompts]]  # one entry per layer; None keeps the previous layer's tokens
@@ -53,47 +56,51 @@ class PromptAttention:
 LayerAttention = Union[None, PromptAttention, Sequence[Optional[PromptAttention]]]
 
 
-def _triton_decoupled_attention():
+def _triton_decoupled_attention_qkv():
     # Imported lazily: the Triton op needs a GPU or TRITON_INTERPRET=1, the other backends do not.
-    from fastprompt.kernels.decoupled_attention import decoupled_attention
+    from fastprompt.kernels.decoupled_attention import decoupled_attention_qkv
 
-    return decoupled_attention
+    return decoupled_attention_qkv
 
 
 def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     *,
+    heads: int,
     backend: str,
     causal: bool,
     prompt_start: int = 0,
     num_prompts: int = 0,
     spec: Optional[PromptAttention] = None,
 ) -> torch.Tensor:
-    """One layer's attention on [B, H, N, D] tensors through the chosen backend."""
+    """One layer's attention on the packed projection qkv [B, N, 3W] -> [B, N, W] (the out-projection's
+    input) through the chosen backend."""
     standard = spec is None or num_prompts == 0 or spec.is_standard(causal)
+    backend = attention_backend_for(backend, qkv, qkv.shape[-1] // (3 * heads))
+    if backend == "triton":
+        # The fused op reads q, k, v through strides and writes [B, N, W] (and, backward, d qkv) in
+        # place: no layout copy. Standard attention dispatches to SDPA inside it.
+        rules = {} if standard else dict(
+            prompt_rows_see_all=spec.prompt_rows_see_all, instance_mix=spec.instance_mix, prompt_mix=spec.prompt_mix,
+            instance_weight=spec.instance_weight, prompt_weight=spec.prompt_weight)
+        return _triton_decoupled_attention_qkv()(qkv, num_heads=heads, prompt_start=prompt_start,
+                                                 num_prompts=num_prompts, causal=causal, **rules)
+    b, n, _ = qkv.shape
+    q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     if standard:
         if backend == "reference":
-            return ref_ops.decoupled_attention(q, k, v, prompt_start=0, num_prompts=0, causal=causal)
-        if backend == "triton" and num_prompts > 0:
-            return _triton_decoupled_attention()(q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    kwargs = dict(
-        prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
-        prompt_rows_see_all=spec.prompt_rows_see_all, instance_mix=spec.instance_mix,
-        prompt_mix=spec.prompt_mix, instance_weight=spec.instance_weight, prompt_weight=spec.prompt_weight,
-    )
-    if backend == "triton":
-        return _triton_decoupled_attention()(q, k, v, **kwargs)
-    if backend == "sdpa" and spec.instance_mix == spec.prompt_mix == "exact":
-        # Exact mixing with prompt rows exempt from causality is standard attention under a custom mask.
-        mask = ref_ops.visibility_mask(
-            q.shape[2], prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
-            prompt_rows_see_all=spec.prompt_rows_see_all, device=q.device,
+            o = ref_ops.decoupled_attention(q, k, v, prompt_start=0, num_prompts=0, causal=causal)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        # `sdpa`: the decomposition from fused SDPA calls (no score matrix); `reference`: the eager spec.
+        op = decoupled_attention_sdpa if backend == "sdpa" else ref_ops.decoupled_attention
+        o = op(
+            q, k, v, prompt_start=prompt_start, num_prompts=num_prompts, causal=causal,
+            prompt_rows_see_all=spec.prompt_rows_see_all, instance_mix=spec.instance_mix,
+            prompt_mix=spec.prompt_mix, instance_weight=spec.instance_weight, prompt_weight=spec.prompt_weight,
         )
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return ref_ops.decoupled_attention(q, k, v, **kwargs)
+    return o.transpose(1, 2).reshape(b, n, -1)
 
 
 def _check_blocks(transformer: nn.Module, tower: str) -> List[ResidualAttentionBlock]:
@@ -117,13 +124,11 @@ def _check_blocks(transformer: nn.Module, tower: str) -> List[ResidualAttentionB
 
 
 def _block_forward(block: ResidualAttentionBlock, x: torch.Tensor, attention: Callable) -> torch.Tensor:
-    """open_clip's ResidualAttentionBlock forward, with the attention core swapped for `attention`."""
+    """open_clip's ResidualAttentionBlock forward, with the attention core swapped for `attention`
+    (packed projection [B, N, 3W] -> [B, N, W])."""
     mha = block.attn
-    b, n, width = x.shape
-    heads = mha.num_heads
     qkv = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
-    q, k, v = qkv.view(b, n, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    o = attention(q, k, v).transpose(1, 2).reshape(b, n, width)
+    o = attention(qkv)  # [B, N, width]
     x = x + block.ls_1(F.linear(o, mha.out_proj.weight, mha.out_proj.bias))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -168,9 +173,9 @@ class _Encoder(nn.Module):
                 x = _place_prompts(x, deep_prompts[i], prompt_start, replace=True)
             spec = _layer_spec(attention, i)
 
-            def layer_attention(q, k, v, spec=spec):
+            def layer_attention(qkv, spec=spec, heads=block.attn.num_heads):
                 return attend(
-                    q, k, v, backend=self.attention_backend, causal=causal,
+                    qkv, heads=heads, backend=self.attention_backend, causal=causal,
                     prompt_start=prompt_start, num_prompts=num_prompts, spec=spec,
                 )
 
@@ -186,7 +191,7 @@ class ImageEncoder(_Encoder):
     Layer i > 0 may overwrite them with `deep_prompts[i]`. They are dropped before pooling.
     """
 
-    def __init__(self, clip_model: nn.Module, attention_backend: str = "sdpa"):
+    def __init__(self, clip_model: nn.Module, attention_backend: str = "auto"):
         super().__init__(attention_backend)
         visual = clip_model.visual
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
@@ -265,7 +270,7 @@ class TextEncoder(_Encoder):
     cannot influence the output, so they are cut off (`truncate`): exact, and much cheaper.
     """
 
-    def __init__(self, clip_model: nn.Module, attention_backend: str = "sdpa"):
+    def __init__(self, clip_model: nn.Module, attention_backend: str = "auto"):
         super().__init__(attention_backend)
         tower = clip_model.text if hasattr(clip_model, "text") else clip_model
         if isinstance(tower, TextTransformer) and (tower.cls_emb is not None or tower.use_pad_mask):

@@ -8,7 +8,7 @@ from .attention_module import DecoupledAttention, swap_attention  # backend="ref
 
 try:
     # The fused Triton ops (their reference twins stay at .reference).
-    from .decoupled_attention import decoupled_attention
+    from .decoupled_attention import decoupled_attention, decoupled_attention_qkv
     from .cat_head import cat_head_logits, cat_head_loss
 except ModuleNotFoundError as err:
     if err.name != "triton":
@@ -28,7 +28,8 @@ except ModuleNotFoundError as err:
         return op
 
     decoupled_attention = _needs_triton("decoupled_attention")
+    decoupled_attention_qkv = _needs_triton("decoupled_attention_qkv")
     cat_head_loss = _needs_triton("cat_head_loss")
     cat_head_logits = _needs_triton("cat_head_logits")
 
-__all__ = ["reference", "decoupled_attention", "DecoupledAttention", "swap_attention", "cat_head_loss", "cat_head_logits"]
+__all__ = ["reference", "decoupled_attention", "decoupled_attention_qkv", "DecoupledAttention", "swap_attention", "cat_head_loss", "cat_head_logits"]

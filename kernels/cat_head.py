@@ -1,32 +1,42 @@
 """DePT's CAT head + ITM fusion + cross-entropy as fused Triton kernels (forward and backward).
 
-Same maths and signatures as `fastprompt.kernels.reference.cat_head_loss` / `cat_head_logits`
-(see shared/design/DEPT.md). Shapes: B rows (images), C classes, d features.
+Same maths and signatures as `fastprompt.kernels.reference.cat_head_loss` / `cat_head_logits`.
+Shapes: B rows (images), C classes, d features.
 
-Forward (`_loss_fwd_kernel`, one program per block of rows and slice of classes, online
-logsumexp over the slice's C tiles; `_lse_merge_kernel` merges the slices in order):
+Forward, 2 launches (`_loss_fwd_kernel`: one program per block of rows and slice of classes,
+online logsumexp over the slice's C tiles; `_lse_merge_kernel`: one program that merges the
+slices in order, writes the per-row log-sum-exps and the loss, and checks the labels):
     g_I = gamma_I f_I + beta_I,  g_T = gamma_T f_T[y] + beta_T      (text row gathered by label)
     z_img = g_I W^T + b,  z_txt = g_T W^T + b,  z_itm = s cos(f_I, f_T)
     loss = (1 - lam)/B sum CE(z_itm) + lam/(2B) sum [CE(z_img) + CE(z_txt)]
-Neither g nor any logit reaches global memory; it writes one loss term per row, the three
-per-row log-sum-exps and the inverse feature norms, which is all the backward needs.
+Neither g nor any logit reaches global memory; it writes the three per-row log-sum-exps and the
+inverse feature norms, which is all the backward needs.
 
-Backward (no atomics, so bit-for-bit deterministic):
+Backward, 3 launches (no float atomics, so bit-for-bit deterministic):
   1. `_logit_grad_kernel`  (row blocks x class blocks): recompute the logits of a tile, write
-     n = softmax - onehot for the three heads [3, B, C] (dot dtype) and n_itm * z_itm [B, C] fp32.
+     n = softmax - onehot for the three heads [3, B, ldc] (dot dtype) and n_itm * z_itm [B, ldc]
+     fp32, ldc = C rounded up to 16 (aligned rows: vector loads).
   2. `_row_grad_kernel`    (row blocks x feature blocks, loop over C): dg = dz W and the ITM
      gradient -> d f_I (and d f_T for per-image text); per-row-block partial sums of
-     dgamma/dbeta (written [row blocks, d], summed in order by kernel 3).
+     dgamma/dbeta (summed in order by kernel 3).
   3. `_class_grad_kernel`  (class blocks x feature blocks x row splits, loop over the split's rows):
      dW = dz^T g, db, and for shared text [C, d] d f_T (ITM part plus the CAT rows scattered back
-     to their label through a one-hot product); with several row splits, fp32 partials
-     [splits, C, d] summed in a second pass, with one split written directly in the final dtype.
+     to their label through a one-hot product). With several row splits each program writes an
+     fp32 partial; the last program of a tile to finish (an integer ticket, zeroed by kernel 1)
+     sums the partials in split order and writes the gradient: deterministic, no extra launch.
 
+Tiles: 64 rows from B >= 64 (wgmma on Hopper), classes as the M side of the class kernel.
 Dot products accumulate in fp32; their operands take the features' dtype: exact fp32 ("ieee")
 dots for fp32, native fp16/bf16 dots otherwise (bf16 under the interpreter computes in fp32: its
 bf16 dot is wrong). Transforms, norms, softmax and every epilogue run in fp32. The stored logit
 gradients are softmax - onehot, in [-1, 1] whatever B is (fp16-safe); the head weights
 (1-lam)/B, lam/(2B) and the upstream gradient are applied in the reduction epilogues.
+
+Value checks without a host sync: a label outside [0, C) never indexes memory (the gather is
+masked), makes the loss NaN and, on a GPU, fails a device-side assertion in the merge kernel
+(like PyTorch's cross_entropy; so does a tensor logit_scale <= 0). Non-finite features give a
+non-finite loss. `CHECK_VALUES = True` adds the reference's host-side checks (one sync per call,
+ValueErrors that name the problem): a debugging switch, off on the training hot path.
 """
 from __future__ import annotations
 
@@ -34,7 +44,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .validation import check_cat_head_args, check_cat_head_values, check_triton_device, triton_interpreter_enabled
+from .validation import (check_cat_head_args, check_cat_head_values, check_triton_device, device_arch,
+                         triton_interpreter_enabled)
 
 try:
     import triton
@@ -51,10 +62,11 @@ __all__ = ["cat_head_loss", "cat_head_logits"]
 NORM_EPS = tl.constexpr(1e-12) if HAS_TRITON else 1e-12
 _FALLBACK = 'head_backend="reference" (fastprompt.kernels.reference.cat_head_loss / cat_head_logits)'
 
-# The data-dependent checks (labels in [0, C), finite features, tensor logit_scale > 0) cost one
-# host sync per call, as in the reference. A training loop that has validated its data may set
-# this to False to keep the GPU queue full; shape/dtype/device checks always run.
-CHECK_VALUES = True
+# The reference's host-side value checks (labels in [0, C), finite features, tensor logit_scale > 0)
+# with their ValueErrors cost a host sync per call: off by default (the kernels check labels and the
+# scale on the device, see the module docstring); True while debugging. Shape/dtype/device checks
+# always run.
+CHECK_VALUES = False
 
 # Tests set this to a BlockSizes to force small tiles (several C tiles, several row splits) on
 # small problems; None picks sizes from the problem and the device.
@@ -81,25 +93,36 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, device: torch.device, dtype: torch.dtype) -> BlockSizes:
+def _pick_blocks(b: int, c: int, d: int, per_row_text: bool, dtype: torch.dtype, arch: int = 90) -> BlockSizes:
     if FORCE_BLOCKS is not None:
         return FORCE_BLOCKS
-    if device.type != "cuda":
+    if triton_interpreter_enabled():
         # The interpreter pays per operation, not per element: few large tiles run fastest.
         if per_row_text:
             return BlockSizes(_pow2_clamp(b, 16, 32), _pow2_clamp(c, 16, 64), _pow2_clamp(d, 16, 64),
                               splits=1, class_splits=1)
         return BlockSizes(_pow2_clamp(b, 16, 64), _pow2_clamp(c, 16, 128), _pow2_clamp(d, 16, 128),
                           splits=1, class_splits=1)
-    # GPU: the largest tiles that compile for sm_90 without register spills in any of the five
-    # kernels (ptxas resource usage read from Triton 3.8 cubins; not yet timed on a GPU).
-    # A 3-D per-row text tile [rows, classes, features] is the heaviest; fp32 operands cost more
-    # registers than fp16/bf16 ones.
+    # GPU: tiles with no register spill in any of the six kernels, per architecture
+    # (tests/kernels/test_static_budget.py holds this; benchmarks/results/static_budget.md lists them).
+    # From B = 64 rows the row-side tiles are 64 rows tall, so Hopper's wgmma (M = 64 per
+    # warpgroup) runs them; the class kernel's M side is the classes. Ampere's mma.sync keeps more
+    # of a tile in registers: 32 classes x 32 features per tile there. The 3-D per-row text tile
+    # [rows, classes, features] is the heaviest; fp32 operands ("ieee" dots) cost the most registers.
     if per_row_text:
         return BlockSizes(16, 16, 16, num_warps=8)
     if dtype == torch.float32:
         return BlockSizes(16, 32, 32, num_warps=8)
-    return BlockSizes(16, 64, 64, num_warps=8)
+    if b < 64:
+        return BlockSizes(16, 64, 64, num_warps=8)
+    if arch >= 90:
+        return BlockSizes(64, 64, 64, num_warps=8)
+    return BlockSizes(64, 32, 32, num_warps=8)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of the device (the static budget tool substitutes a Hopper's 132)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _class_splits(blocks: BlockSizes, row_blocks: int, c: int, device: torch.device) -> int:
@@ -107,9 +130,8 @@ def _class_splits(blocks: BlockSizes, row_blocks: int, c: int, device: torch.dev
     class_tiles = triton.cdiv(c, blocks.classes)
     if blocks.class_splits is not None:
         return max(1, min(blocks.class_splits, class_tiles))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     # Fill the chip twice over: at small B the rows alone give a handful of programs.
-    return max(1, min(class_tiles, triton.cdiv(2 * sms, row_blocks)))
+    return max(1, min(class_tiles, triton.cdiv(2 * _sm_count(device), row_blocks)))
 
 
 def _row_splits(blocks: BlockSizes, b: int, c: int, d: int, device: torch.device) -> int:
@@ -118,9 +140,13 @@ def _row_splits(blocks: BlockSizes, b: int, c: int, d: int, device: torch.device
     if blocks.splits is not None:
         return max(1, min(blocks.splits, row_blocks))
     tiles = triton.cdiv(c, blocks.classes) * triton.cdiv(d, blocks.features)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     # Enough programs to fill the chip twice over, but never a slice thinner than 4 row blocks.
-    return max(1, min(triton.cdiv(2 * sms, tiles), row_blocks // 4))
+    return max(1, min(triton.cdiv(2 * _sm_count(device), tiles), row_blocks // 4))
+
+
+def _padded(c: int) -> int:
+    """Leading dimension of the [B, C] logit-gradient buffers: rows start 16-element aligned."""
+    return triton.cdiv(c, 16) * 16
 
 
 if HAS_TRITON:
@@ -134,16 +160,30 @@ if HAS_TRITON:
         return s
 
     @triton.jit
+    def _labels(labels_ptr, rows, rows64, row_ok, C, D, PER_ROW_TEXT: tl.constexpr):
+        """(labels, label in [0, C), offset of each row's true text feature). A bad label reads row 0
+        (its gather is masked off by the callers)."""
+        y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        label_ok = (y >= 0) & (y < C)
+        y_safe = tl.where(label_ok, y, 0)
+        if PER_ROW_TEXT:
+            true_txt_row = (rows64 * C + y_safe) * D
+        else:
+            true_txt_row = y_safe * D
+        return y, label_ok, true_txt_row
+
+    @triton.jit
     def _head_logit_tiles(
-        img_ptr, txt_ptr, true_txt_row, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
+        img_ptr, txt_ptr, true_txt_row, gather_ok, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
         rows64, row_ok, cols64, col_ok, C, D,
-        PER_ROW_TEXT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One [BLOCK_B, BLOCK_C] tile of the three heads, summed over d in BLOCK_D slices.
 
         Returns (g_I W^T, g_T[y] W^T, f_I . f_T unnormalised, sum of f_T^2 per class or per
-        (row, class)); bias, norms and scale are applied by the caller."""
+        (row, class)); bias, norms and scale are applied by the caller. Without ITM (lam = 1:
+        the CAT head alone) the last two stay zero and cost nothing."""
         acc_img = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         acc_txt = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         raw_itm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
@@ -156,7 +196,8 @@ if HAS_TRITON:
             k_ok = ks < D
             rk_mask = row_ok[:, None] & k_ok[None, :]
             f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0)
-            f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+            f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=gather_ok[:, None] & k_ok[None, :],
+                           other=0.0).to(tl.float32)
             gamma_i = tl.load(gamma_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
@@ -168,7 +209,9 @@ if HAS_TRITON:
             w_t = tl.trans(w.to(DOT))
             acc_img += tl.dot(g_i, w_t, input_precision=PRECISION)
             acc_txt += tl.dot(g_t, w_t, input_precision=PRECISION)
-            if PER_ROW_TEXT:
+            if not ITM:
+                pass
+            elif PER_ROW_TEXT:
                 # Each row has its own C x d text matrix: a batched mat-vec, not a matmul.
                 f_t = tl.load(
                     txt_ptr + (rows64[:, None, None] * C + cols64[None, :, None]) * D + ks[None, None, :],
@@ -188,8 +231,8 @@ if HAS_TRITON:
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr, bias_ptr,
         scale_ptr, scale_value, stats_ptr, inv_norm_img_ptr, inv_norm_txt_ptr,
         B, C, D, cols_per_split,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program: BLOCK_B rows against one slice of the classes (cols_per_split, a multiple of
         BLOCK_C). Writes the slice's log-sum-exp statistics stats [3 heads, 3, splits, B]
@@ -203,16 +246,12 @@ if HAS_TRITON:
         rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         rows64 = rows.to(tl.int64)
-        y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        y, label_ok, true_txt_row = _labels(labels_ptr, rows, rows64, row_ok, C, D, PER_ROW_TEXT)
         s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
-        if PER_ROW_TEXT:
-            true_txt_row = (rows64 * C + y) * D
-        else:
-            true_txt_row = y * D
 
-        # Image norms first: every C tile needs them.
+        # Image norms first: every C tile needs them (the ITM head only).
         ssq_i = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
+        for k0 in range(0, D if ITM else 0, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :], other=0.0).to(tl.float32)
             ssq_i += tl.sum(f_i * f_i, axis=1)
@@ -233,11 +272,14 @@ if HAS_TRITON:
             col_ok = cols < c_end
             cols64 = cols.to(tl.int64)
             acc_img, acc_txt, raw_itm, ssq_t = _head_logit_tiles(
-                img_ptr, txt_ptr, true_txt_row, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
-                rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_D,
+                img_ptr, txt_ptr, true_txt_row, row_ok & label_ok, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr,
+                w_ptr, rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, ITM, DOT, PRECISION, BLOCK_B, BLOCK_C,
+                BLOCK_D,
             )
             inv_nt = 1.0 / tl.maximum(tl.sqrt(ssq_t), NORM_EPS)
-            if PER_ROW_TEXT:
+            if not ITM:
+                z_itm = raw_itm  # zeros: a constant head, weighted 0
+            elif PER_ROW_TEXT:
                 z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
                 tl.store(inv_norm_txt_ptr + rows64[:, None] * C + cols64[None, :], inv_nt, mask=row_ok[:, None] & col_ok[None, :])
             else:
@@ -263,6 +305,11 @@ if HAS_TRITON:
             new_m = tl.maximum(m_txt, tl.max(z_txt, axis=1))
             l_txt = l_txt * tl.exp(m_txt - new_m) + tl.sum(tl.exp(z_txt - new_m[:, None]), axis=1)
             m_txt = new_m
+        # A label outside [0, C) matches no column: its loss is made NaN (and the merge kernel asserts).
+        bad = float("nan")
+        t_itm = tl.where(label_ok, t_itm, bad)
+        t_img = tl.where(label_ok, t_img, bad)
+        t_txt = tl.where(label_ok, t_txt, bad)
         stat = n_splits * B  # one (head, statistic) plane
         base = split * B + rows
         tl.store(stats_ptr + base, m_itm, mask=row_ok)
@@ -293,32 +340,44 @@ if HAS_TRITON:
             target += tl.load(stats_ptr + (3 * head + 2) * stat + j * B + rows, mask=row_ok, other=0.0)
         return m + tl.log(total), target
 
-    @triton.jit
-    def _lse_merge_kernel(stats_ptr, loss_rows_ptr, lse_ptr, B, n_splits, coef_itm, coef_cat, BLOCK_B: tl.constexpr):
-        """Per row: the three log-sum-exps lse [3, B] and the weighted loss term loss_rows [B]."""
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        lse_itm, t_itm = _merge_head(stats_ptr, 0, rows, row_ok, B, n_splits, BLOCK_B)
-        lse_img, t_img = _merge_head(stats_ptr, 1, rows, row_ok, B, n_splits, BLOCK_B)
-        lse_txt, t_txt = _merge_head(stats_ptr, 2, rows, row_ok, B, n_splits, BLOCK_B)
-        loss_row = coef_itm * (lse_itm - t_itm) + coef_cat * ((lse_img - t_img) + (lse_txt - t_txt))
-        tl.store(loss_rows_ptr + rows, loss_row, mask=row_ok)
-        tl.store(lse_ptr + rows, lse_itm, mask=row_ok)
-        tl.store(lse_ptr + B + rows, lse_img, mask=row_ok)
-        tl.store(lse_ptr + 2 * B + rows, lse_txt, mask=row_ok)
+    @triton.jit(debug=True)  # debug: its device-side assertions are compiled in (this kernel only)
+    def _lse_merge_kernel(stats_ptr, labels_ptr, scale_ptr, scale_value, loss_ptr, lse_ptr, B, C, n_splits,
+                          coef_itm, coef_cat, SCALE_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr):
+        """One program: the three log-sum-exps lse [3, B] per row and the loss (a scalar, rows summed
+        in a fixed order). Asserts on the device that every label lies in [0, C) and the scale is
+        positive: no host sync, and a bad label has already made its row's loss NaN."""
+        s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
+        tl.device_assert(s > 0, "cat_head_loss: logit_scale must be positive (s = exp(CLIP's logit_scale))")
+        acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for r0 in range(0, B, BLOCK_B):
+            rows = r0 + tl.arange(0, BLOCK_B)
+            row_ok = rows < B
+            y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            tl.device_assert((y >= 0) & (y < C), "cat_head_loss: labels must lie in [0, C)")
+            lse_itm, t_itm = _merge_head(stats_ptr, 0, rows, row_ok, B, n_splits, BLOCK_B)
+            lse_img, t_img = _merge_head(stats_ptr, 1, rows, row_ok, B, n_splits, BLOCK_B)
+            lse_txt, t_txt = _merge_head(stats_ptr, 2, rows, row_ok, B, n_splits, BLOCK_B)
+            loss_row = coef_itm * (lse_itm - t_itm) + coef_cat * ((lse_img - t_img) + (lse_txt - t_txt))
+            acc += tl.where(row_ok, loss_row, 0.0)
+            tl.store(lse_ptr + rows, lse_itm, mask=row_ok)
+            tl.store(lse_ptr + B + rows, lse_img, mask=row_ok)
+            tl.store(lse_ptr + 2 * B + rows, lse_txt, mask=row_ok)
+        # A non-positive scale also shows in the loss (NaN), where device assertions are compiled out.
+        tl.store(loss_ptr, tl.where(s > 0, tl.sum(acc, axis=0), float("nan")))
 
     @triton.jit
     def _logit_grad_kernel(
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr, bias_ptr,
-        scale_ptr, scale_value, lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr,
-        B, C, D,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        scale_ptr, scale_value, lse_ptr, inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr, ticket_ptr, n_tickets,
+        B, C, D, LDC,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """The logit gradients without their weights: n [3, B, C] = softmax - onehot for the itm,
+        """The logit gradients without their weights: n [3, B, LDC] = softmax - onehot for the itm,
         cat image and cat text heads (in the dot dtype: values in [-1, 1] suit fp16/bf16), and
-        nz [B, C] fp32 = n_itm * z_itm. The weights (1-lam)/B, lam/(2B) and the upstream gradient
-        are applied by the reduction kernels' epilogues."""
+        nz [B, LDC] fp32 = n_itm * z_itm; 0 in the padding columns [C, LDC), so readers load whole
+        aligned rows. The weights (1-lam)/B, lam/(2B) and the upstream gradient are applied by the
+        reduction kernels' epilogues. Program (0, 0) also zeroes the class kernel's tickets."""
         pid_b = tl.program_id(0)
         pid_c = tl.program_id(1)
         rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -327,22 +386,22 @@ if HAS_TRITON:
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         cols64 = cols.to(tl.int64)
-        y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        y, label_ok, true_txt_row = _labels(labels_ptr, rows, rows64, row_ok, C, D, PER_ROW_TEXT)
         s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
-        if PER_ROW_TEXT:
-            true_txt_row = (rows64 * C + y) * D
-        else:
-            true_txt_row = y * D
+        if (pid_b == 0) & (pid_c == 0):
+            for t0 in range(0, n_tickets, 128):
+                tickets = t0 + tl.arange(0, 128)
+                tl.store(ticket_ptr + tickets, tl.zeros([128], dtype=tl.int32), mask=tickets < n_tickets)
         acc_img, acc_txt, raw_itm, _ = _head_logit_tiles(
-            img_ptr, txt_ptr, true_txt_row, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr, w_ptr,
-            rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_D,
+            img_ptr, txt_ptr, true_txt_row, row_ok & label_ok, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr,
+            w_ptr, rows64, row_ok, cols64, col_ok, C, D, PER_ROW_TEXT, ITM, DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_D,
         )
-        inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
+        inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok & ITM, other=0.0)
         tile_mask = row_ok[:, None] & col_ok[None, :]
         if PER_ROW_TEXT:
-            inv_nt = tl.load(inv_norm_txt_ptr + rows64[:, None] * C + cols64[None, :], mask=tile_mask, other=0.0)
+            inv_nt = tl.load(inv_norm_txt_ptr + rows64[:, None] * C + cols64[None, :], mask=tile_mask & ITM, other=0.0)
         else:
-            inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)[None, :]
+            inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok & ITM, other=0.0)[None, :]
         z_itm = s * raw_itm * inv_ni[:, None] * inv_nt
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         lse_itm = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -352,12 +411,15 @@ if HAS_TRITON:
         n_itm = tl.exp(z_itm - lse_itm[:, None]) - onehot
         n_img = tl.exp(acc_img + bias[None, :] - lse_img[:, None]) - onehot
         n_txt = tl.exp(acc_txt + bias[None, :] - lse_txt[:, None]) - onehot
-        offs = rows64[:, None] * C + cols64[None, :]
-        plane = B * C
-        tl.store(n_ptr + offs, n_itm.to(n_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(n_ptr + plane + offs, n_img.to(n_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(n_ptr + 2 * plane + offs, n_txt.to(n_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(nz_ptr + offs, n_itm * z_itm, mask=tile_mask)
+        offs = rows64[:, None] * LDC + cols64[None, :]
+        plane = B * LDC
+        keep = row_ok[:, None] & (cols < LDC)[None, :]  # padding columns too, as zeros
+        valid = col_ok[None, :]
+        tl.store(n_ptr + plane + offs, tl.where(valid, n_img, 0.0).to(n_ptr.dtype.element_ty), mask=keep)
+        tl.store(n_ptr + 2 * plane + offs, tl.where(valid, n_txt, 0.0).to(n_ptr.dtype.element_ty), mask=keep)
+        if ITM:  # without it the readers skip n_itm and nz
+            tl.store(n_ptr + offs, tl.where(valid, n_itm, 0.0).to(n_ptr.dtype.element_ty), mask=keep)
+            tl.store(nz_ptr + offs, tl.where(valid, n_itm * z_itm, 0.0), mask=keep)
 
     @triton.jit
     def _row_grad_kernel(
@@ -365,9 +427,9 @@ if HAS_TRITON:
         scale_ptr, scale_value, grad_loss_ptr, coef_itm, coef_cat,
         inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr,
         d_img_ptr, d_txt_ptr, dg_txt_ptr, part_ptr,
-        B, C, D,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        B, C, D, LDC,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Reductions over classes for a block of rows and a slice of features.
 
@@ -384,7 +446,7 @@ if HAS_TRITON:
         ks = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         k_ok = ks < D
         rk_mask = row_ok[:, None] & k_ok[None, :]
-        y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        y, label_ok, true_txt_row = _labels(labels_ptr, rows, rows64, row_ok, C, D, PER_ROW_TEXT)
         s = _load_scale(scale_ptr, scale_value, SCALE_FROM_PTR)
         g = tl.load(grad_loss_ptr).to(tl.float32)
         a_itm = g * coef_itm
@@ -392,7 +454,7 @@ if HAS_TRITON:
         f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
         inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
         u = f_i * inv_ni[:, None]
-        plane = B * C
+        plane = B * LDC
         acc_gi = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         acc_gt = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
@@ -402,16 +464,28 @@ if HAS_TRITON:
             col_ok = cols < C
             cols64 = cols.to(tl.int64)
             tile_mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows64[:, None] * C + cols64[None, :]
-            n_itm = tl.load(n_ptr + offs, mask=tile_mask, other=0.0)
-            n_img = tl.load(n_ptr + plane + offs, mask=tile_mask, other=0.0).to(DOT)
-            n_txt = tl.load(n_ptr + 2 * plane + offs, mask=tile_mask, other=0.0).to(DOT)
-            nz_rowsum += tl.sum(tl.load(nz_ptr + offs, mask=tile_mask, other=0.0), axis=1)
+            # n, nz: whole aligned rows up to LDC (the padding holds zeros).
+            offs_n = rows64[:, None] * LDC + cols64[None, :]
+            n_mask = row_ok[:, None] & (cols < LDC)[None, :]
+            n_img = tl.load(n_ptr + plane + offs_n, mask=n_mask, other=0.0).to(DOT)
+            n_txt = tl.load(n_ptr + 2 * plane + offs_n, mask=n_mask, other=0.0).to(DOT)
+            if ITM:
+                n_itm = tl.load(n_ptr + offs_n, mask=n_mask, other=0.0)
+                nz = tl.load(nz_ptr + offs_n, mask=n_mask, other=0.0)
+                nz_rowsum += tl.sum(nz, axis=1)
             ck_mask = col_ok[:, None] & k_ok[None, :]
             w = tl.load(w_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(DOT)
             acc_gi += tl.dot(n_img, w, input_precision=PRECISION)
             acc_gt += tl.dot(n_txt, w, input_precision=PRECISION)
-            if PER_ROW_TEXT:
+            if PER_ROW_TEXT and not ITM:
+                # d f_T has no ITM part: zero everywhere but at the label (written after the loop).
+                offs = rows64[:, None] * C + cols64[None, :]
+                not_label = cols64[None, :] != y[:, None]
+                tl.store(d_txt_ptr + offs[:, :, None] * D + ks[None, None, :],
+                         tl.zeros([BLOCK_B, BLOCK_C, BLOCK_D], dtype=d_txt_ptr.dtype.element_ty),
+                         mask=(tile_mask & not_label)[:, :, None] & k_ok[None, None, :])
+            elif PER_ROW_TEXT:
+                offs = rows64[:, None] * C + cols64[None, :]
                 inv_nt = tl.load(inv_norm_txt_ptr + offs, mask=tile_mask, other=0.0)
                 f_t = tl.load(
                     txt_ptr + offs[:, :, None] * D + ks[None, None, :],
@@ -420,7 +494,6 @@ if HAS_TRITON:
                 n_scaled = n_itm.to(tl.float32) * inv_nt
                 acc_u += tl.sum(n_scaled[:, :, None] * f_t, axis=1)
                 # ITM gradient of each text vector: a s n / |t| (u - cos v), v = t / |t|.
-                nz = tl.load(nz_ptr + offs, mask=tile_mask, other=0.0)
                 proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
                 d_t = a_itm * ((s * n_scaled)[:, :, None] * u[:, None, :] - (nz * inv_nt * inv_nt * proj_t)[:, :, None] * f_t)
                 # The label's column also gets the CAT part, known only after the loop: written there.
@@ -429,7 +502,7 @@ if HAS_TRITON:
                     d_txt_ptr + offs[:, :, None] * D + ks[None, None, :], d_t.to(d_txt_ptr.dtype.element_ty),
                     mask=(tile_mask & not_label)[:, :, None] & k_ok[None, None, :],
                 )
-            else:
+            elif ITM:
                 inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
                 f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
                 # Unit text vectors as the operand: bounded, whatever the feature norms.
@@ -439,22 +512,25 @@ if HAS_TRITON:
         gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         # ITM: du = a s sum_c n v_c; the tangent projection du - (du . u) u, du . u = a sum_c n z.
         proj_i = tl.where(inv_ni < 1.0 / NORM_EPS, 1.0, 0.0)
-        d_i = a_cat * gamma_i[None, :] * acc_gi + a_itm * (s * acc_u - (nz_rowsum * proj_i)[:, None] * u) * inv_ni[:, None]
+        d_i = a_cat * gamma_i[None, :] * acc_gi
+        if ITM:
+            d_i += a_itm * (s * acc_u - (nz_rowsum * proj_i)[:, None] * u) * inv_ni[:, None]
         tl.store(d_img_ptr + rows64[:, None] * D + ks[None, :], d_i.to(d_img_ptr.dtype.element_ty), mask=rk_mask)
         dg_t = gamma_t[None, :] * acc_gt
+        gather_mask = (row_ok & label_ok)[:, None] & k_ok[None, :]
+        f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=gather_mask, other=0.0).to(tl.float32)
         if PER_ROW_TEXT:
-            true_txt_row = (rows64 * C + y) * D
-        else:
-            true_txt_row = y * D
-        f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
-        if PER_ROW_TEXT:
-            label_offs = rows64 * C + y
-            n_y = tl.load(n_ptr + label_offs, mask=row_ok, other=0.0).to(tl.float32)
-            nz_y = tl.load(nz_ptr + label_offs, mask=row_ok, other=0.0)
-            inv_nt_y = tl.load(inv_norm_txt_ptr + label_offs, mask=row_ok, other=0.0)
+            y_safe = tl.where(label_ok, y, 0)
+            label_ok_row = row_ok & label_ok
+            n_y = tl.load(n_ptr + rows64 * LDC + y_safe, mask=label_ok_row, other=0.0).to(tl.float32)
+            nz_y = tl.load(nz_ptr + rows64 * LDC + y_safe, mask=label_ok_row, other=0.0)
+            inv_nt_y = tl.load(inv_norm_txt_ptr + rows64 * C + y_safe, mask=label_ok_row, other=0.0)
             proj_y = tl.where(inv_nt_y < 1.0 / NORM_EPS, 1.0, 0.0)
-            d_t_y = a_itm * ((s * n_y * inv_nt_y)[:, None] * u - (nz_y * inv_nt_y * inv_nt_y * proj_y)[:, None] * f_tt) + a_cat * dg_t
-            tl.store(d_txt_ptr + true_txt_row[:, None] + ks[None, :], d_t_y.to(d_txt_ptr.dtype.element_ty), mask=rk_mask)
+            d_t_y = a_cat * dg_t
+            if ITM:
+                d_t_y += a_itm * ((s * n_y * inv_nt_y)[:, None] * u - (nz_y * inv_nt_y * inv_nt_y * proj_y)[:, None] * f_tt)
+            tl.store(d_txt_ptr + true_txt_row[:, None] + ks[None, :], d_t_y.to(d_txt_ptr.dtype.element_ty),
+                     mask=gather_mask)
         else:
             tl.store(dg_txt_ptr + rows64[:, None] * D + ks[None, :], dg_t, mask=rk_mask)
         n_row_blocks = tl.num_programs(0)
@@ -470,18 +546,20 @@ if HAS_TRITON:
         img_ptr, txt_ptr, labels_ptr, gamma_i_ptr, beta_i_ptr, gamma_t_ptr, beta_t_ptr,
         scale_ptr, scale_value, grad_loss_ptr, coef_itm, coef_cat,
         inv_norm_img_ptr, inv_norm_txt_ptr, n_ptr, nz_ptr, dg_txt_ptr,
-        dw_part_ptr, db_part_ptr, d_txt_part_ptr,
+        dw_ptr, db_ptr, d_txt_ptr, dw_part_ptr, db_part_ptr, d_txt_part_ptr, ticket_ptr,
         vec_part_ptr, d_gamma_i_ptr, d_beta_i_ptr, d_gamma_t_ptr, d_beta_t_ptr, n_row_blocks,
-        B, C, D, rows_per_split,
-        PER_ROW_TEXT: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        B, C, D, LDC, rows_per_split,
+        PER_ROW_TEXT: tl.constexpr, ITM: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, SPLIT: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Reductions over the rows of one split for a block of classes and a slice of features.
 
-        Writes dW [splits, C, D], db [splits, C] and, for shared text [C, D], d f_T [splits, C, D]
-        (ITM part plus the CAT text rows scattered to their labels): split-K partials in fp32, or,
-        with one split, the final gradients in their own dtypes (the stores convert). The
-        programs of the first class block and split also finish dgamma/dbeta: the row kernel's
+        Writes dW [C, D], db [C] and, for shared text [C, D], d f_T (ITM part plus the CAT text
+        rows scattered to their labels) in their own dtypes. With SPLIT (several row splits) each
+        program writes fp32 partials [splits, C, D] / [splits, C]; the last program of its
+        (class, feature) tile to take a ticket sums them in split order and writes the result.
+        The programs of the first class block and split also finish dgamma/dbeta: the row kernel's
         per-row-block partials [4, n_row_blocks, D], summed in order (deterministic)."""
         pid_c = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -499,7 +577,7 @@ if HAS_TRITON:
         beta_i = tl.load(beta_i_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         gamma_t = tl.load(gamma_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         beta_t = tl.load(beta_t_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        plane = B * C
+        plane = B * LDC
         acc_w = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
         acc_v = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
         acc_scatter = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
@@ -511,39 +589,75 @@ if HAS_TRITON:
             rows = r0 + tl.arange(0, BLOCK_B)
             row_ok = rows < row_end
             rows64 = rows.to(tl.int64)
-            y = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            y, label_ok, true_txt_row = _labels(labels_ptr, rows, rows64, row_ok, C, D, PER_ROW_TEXT)
             tile_mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows64[:, None] * C + cols64[None, :]
-            n_img = tl.load(n_ptr + plane + offs, mask=tile_mask, other=0.0)
-            n_txt = tl.load(n_ptr + 2 * plane + offs, mask=tile_mask, other=0.0)
+            # n, nz: whole aligned rows up to LDC (the padding holds zeros).
+            offs = rows64[:, None] * LDC + cols64[None, :]
+            n_mask = row_ok[:, None] & (cols < LDC)[None, :]
+            n_img = tl.load(n_ptr + plane + offs, mask=n_mask, other=0.0)
+            n_txt = tl.load(n_ptr + 2 * plane + offs, mask=n_mask, other=0.0)
             rk_mask = row_ok[:, None] & k_ok[None, :]
             f_i = tl.load(img_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
-            if PER_ROW_TEXT:
-                true_txt_row = (rows64 * C + y) * D
-            else:
-                true_txt_row = y * D
-            f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=rk_mask, other=0.0).to(tl.float32)
+            f_tt = tl.load(txt_ptr + true_txt_row[:, None] + ks[None, :], mask=(row_ok & label_ok)[:, None] & k_ok[None, :],
+                           other=0.0).to(tl.float32)
             g_i = tl.where(rk_mask, f_i * gamma_i[None, :] + beta_i[None, :], 0.0).to(DOT)
             g_t = tl.where(rk_mask, f_tt * gamma_t[None, :] + beta_t[None, :], 0.0).to(DOT)
             acc_w += tl.dot(tl.trans(n_img.to(DOT)), g_i, input_precision=PRECISION)
             acc_w += tl.dot(tl.trans(n_txt.to(DOT)), g_t, input_precision=PRECISION)
             acc_b += tl.sum(n_img.to(tl.float32) + n_txt.to(tl.float32), axis=0)
             if not PER_ROW_TEXT:
-                n_itm = tl.load(n_ptr + offs, mask=tile_mask, other=0.0).to(DOT)
-                inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
-                # Unit image vectors as the operand (bounded).
-                u = (f_i * inv_ni[:, None]).to(DOT)
-                acc_v += tl.dot(tl.trans(n_itm), u, input_precision=PRECISION)
-                nz_colsum += tl.sum(tl.load(nz_ptr + offs, mask=tile_mask, other=0.0), axis=0)
+                if ITM:
+                    n_itm = tl.load(n_ptr + offs, mask=n_mask, other=0.0).to(DOT)
+                    inv_ni = tl.load(inv_norm_img_ptr + rows, mask=row_ok, other=0.0)
+                    # Unit image vectors as the operand (bounded).
+                    u = (f_i * inv_ni[:, None]).to(DOT)
+                    acc_v += tl.dot(tl.trans(n_itm), u, input_precision=PRECISION)
+                    nz_colsum += tl.sum(tl.load(nz_ptr + offs, mask=n_mask, other=0.0), axis=0)
                 # Scatter-add of the CAT text-row gradients to their labels, as a one-hot product.
                 onehot = tl.where(tile_mask & (cols64[None, :] == y[:, None]), 1.0, 0.0).to(DOT)
                 dg_t = tl.load(dg_txt_ptr + rows64[:, None] * D + ks[None, :], mask=rk_mask, other=0.0).to(DOT)
                 acc_scatter += tl.dot(tl.trans(onehot), dg_t, input_precision=PRECISION)
         ck_mask = col_ok[:, None] & k_ok[None, :]
-        part_offs = (split * C + cols64[:, None]) * D + ks[None, :]
-        tl.store(dw_part_ptr + part_offs, (a_cat * acc_w).to(dw_part_ptr.dtype.element_ty), mask=ck_mask)
-        tl.store(db_part_ptr + split * C + cols64, (a_cat * acc_b).to(db_part_ptr.dtype.element_ty),
-                 mask=col_ok & (pid_d == 0))
+        out_offs = cols64[:, None] * D + ks[None, :]
+        dw_val = a_cat * acc_w
+        db_val = a_cat * acc_b
+        if not PER_ROW_TEXT:
+            dt_val = a_cat * acc_scatter
+            if ITM:
+                inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
+                f_t = tl.load(txt_ptr + out_offs, mask=ck_mask, other=0.0).to(tl.float32)
+                proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
+                # ITM: dv = a s sum_b n u_b; (dv - (dv . v) v) / |t| with dv . v = a sum_b n z. All of
+                # it is linear in the rows, so the split partials add up.
+                dt_val += a_itm * (s * acc_v - (nz_colsum * inv_nt * proj_t)[:, None] * f_t) * inv_nt[:, None]
+        if SPLIT:
+            n_splits = tl.num_programs(2)
+            part_offs = split * C * D + out_offs
+            tl.store(dw_part_ptr + part_offs, dw_val, mask=ck_mask)
+            tl.store(db_part_ptr + split * C + cols64, db_val, mask=col_ok & (pid_d == 0))
+            if not PER_ROW_TEXT:
+                tl.store(d_txt_part_ptr + part_offs, dt_val, mask=ck_mask)
+            # The last split to finish this tile sums every split's partial, in split order.
+            ticket = tl.atomic_add(ticket_ptr + pid_c * tl.num_programs(1) + pid_d, 1, sem="acq_rel")
+            if ticket == n_splits - 1:
+                dw_val = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+                db_val = tl.zeros([BLOCK_C], dtype=tl.float32)
+                dt_val = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+                for j in range(0, n_splits):
+                    dw_val += tl.load(dw_part_ptr + j * C * D + out_offs, mask=ck_mask, other=0.0, cache_modifier=".cg")
+                    db_val += tl.load(db_part_ptr + j * C + cols64, mask=col_ok, other=0.0, cache_modifier=".cg")
+                    if not PER_ROW_TEXT:
+                        dt_val += tl.load(d_txt_part_ptr + j * C * D + out_offs, mask=ck_mask, other=0.0,
+                                          cache_modifier=".cg")
+                tl.store(dw_ptr + out_offs, dw_val.to(dw_ptr.dtype.element_ty), mask=ck_mask)
+                tl.store(db_ptr + cols64, db_val.to(db_ptr.dtype.element_ty), mask=col_ok & (pid_d == 0))
+                if not PER_ROW_TEXT:
+                    tl.store(d_txt_ptr + out_offs, dt_val.to(d_txt_ptr.dtype.element_ty), mask=ck_mask)
+        else:
+            tl.store(dw_ptr + out_offs, dw_val.to(dw_ptr.dtype.element_ty), mask=ck_mask)
+            tl.store(db_ptr + cols64, db_val.to(db_ptr.dtype.element_ty), mask=col_ok & (pid_d == 0))
+            if not PER_ROW_TEXT:
+                tl.store(d_txt_ptr + out_offs, dt_val.to(d_txt_ptr.dtype.element_ty), mask=ck_mask)
         if (pid_c == 0) & (split == 0):
             sum_gi = tl.zeros([BLOCK_D], dtype=tl.float32)
             sum_bi = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -559,14 +673,6 @@ if HAS_TRITON:
             tl.store(d_beta_i_ptr + ks, sum_bi.to(d_beta_i_ptr.dtype.element_ty), mask=k_ok)
             tl.store(d_gamma_t_ptr + ks, sum_gt.to(d_gamma_t_ptr.dtype.element_ty), mask=k_ok)
             tl.store(d_beta_t_ptr + ks, sum_bt.to(d_beta_t_ptr.dtype.element_ty), mask=k_ok)
-        if not PER_ROW_TEXT:
-            inv_nt = tl.load(inv_norm_txt_ptr + cols64, mask=col_ok, other=0.0)
-            f_t = tl.load(txt_ptr + cols64[:, None] * D + ks[None, :], mask=ck_mask, other=0.0).to(tl.float32)
-            proj_t = tl.where(inv_nt < 1.0 / NORM_EPS, 1.0, 0.0)
-            # ITM: dv = a s sum_b n u_b; (dv - (dv . v) v) / |t| with dv . v = a sum_b n z. All of it
-            # is linear in the rows, so the split partials add up.
-            d_t = a_itm * (s * acc_v - (nz_colsum * inv_nt * proj_t)[:, None] * f_t) * inv_nt[:, None] + a_cat * acc_scatter
-            tl.store(d_txt_part_ptr + part_offs, d_t.to(d_txt_part_ptr.dtype.element_ty), mask=ck_mask)
 
     @triton.jit
     def _logits_kernel(
@@ -637,7 +743,7 @@ def _dot_types(dtype: torch.dtype):
     """(Triton operand dtype, torch dtype of the stored logit gradients, input_precision) for the
     dots, from the features' dtype. fp32 runs exact fp32 ("ieee") dots; fp16/bf16 run native
     half-precision dots with fp32 accumulation, except bf16 under the interpreter, whose bf16 dot
-    is wrong (STACK.md): there it computes in fp32."""
+    is wrong (docs/kernels.md): there it computes in fp32."""
     if dtype == torch.float16:
         return tl.float16, torch.float16, "ieee"
     if dtype == torch.bfloat16 and not triton_interpreter_enabled():
@@ -652,12 +758,14 @@ def _scale_args(scale_t: Optional[torch.Tensor], scale_f: float):
 
 
 def _launch_loss_forward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, scale_f, lam):
+    """Two launches: the sliced forward and the merge. Returns (loss [], lse [3, B], 1/|f_I| [B],
+    1/|f_T| [C] or [B, C]), all fp32."""
     b, d = f_i.shape
     c = w.shape[0]
     per_row = f_t.ndim == 3
-    blocks = _pick_blocks(b, c, d, per_row, f_i.device, f_i.dtype)
+    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype, device_arch(f_i.device))
     dev = f_i.device
-    loss_rows = torch.empty(b, device=dev, dtype=torch.float32)
+    loss = torch.empty((), device=dev, dtype=torch.float32)
     lse = torch.empty(3, b, device=dev, dtype=torch.float32)
     inv_norm_img = torch.empty(b, device=dev, dtype=torch.float32)
     inv_norm_txt = torch.empty((b, c) if per_row else (c,), device=dev, dtype=torch.float32)
@@ -673,78 +781,70 @@ def _launch_loss_forward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t,
         f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
         scale_ptr, scale_value, stats, inv_norm_img, inv_norm_txt,
         b, c, d, cols_per_split,
-        PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
+        PER_ROW_TEXT=per_row, ITM=lam < 1.0, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
         BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
-    merge_rows = 128
-    _lse_merge_kernel[(triton.cdiv(b, merge_rows),)](
-        stats, loss_rows, lse, b, class_splits, (1.0 - lam) / b, lam / (2.0 * b), BLOCK_B=merge_rows,
+    _lse_merge_kernel[(1,)](
+        stats, labels, scale_ptr, scale_value, loss, lse, b, c, class_splits, (1.0 - lam) / b, lam / (2.0 * b),
+        SCALE_FROM_PTR=from_ptr, BLOCK_B=128,
     )
-    # Deterministic second pass over the B per-row terms.
-    return loss_rows.sum(), lse, inv_norm_img, inv_norm_txt
+    return loss, lse, inv_norm_img, inv_norm_txt
 
 
 def _launch_loss_backward(grad, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, scale_f, lam, lse, inv_ni, inv_nt):
+    """Three launches; returns the gradients of (f_I, f_T, gamma_I, beta_I, gamma_T, beta_T, W, b)."""
     b, d = f_i.shape
     c = w.shape[0]
     per_row = f_t.ndim == 3
     dev = f_i.device
-    blocks = _pick_blocks(b, c, d, per_row, dev, f_i.dtype)
+    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype, device_arch(f_i.device))
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
     dot, n_dtype, precision = _dot_types(f_i.dtype)
-    common = dict(PER_ROW_TEXT=per_row, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
+    common = dict(PER_ROW_TEXT=per_row, ITM=lam < 1.0, SCALE_FROM_PTR=from_ptr, DOT=dot, PRECISION=precision,
                   BLOCK_B=blocks.rows, BLOCK_C=blocks.classes, BLOCK_D=blocks.features,
                   num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     grad = grad.reshape(()).to(device=dev, dtype=torch.float32)
     coef_itm, coef_cat = (1.0 - lam) / b, lam / (2.0 * b)
-
-    n = torch.empty(3, b, c, device=dev, dtype=n_dtype)
-    nz = torch.empty(b, c, device=dev, dtype=torch.float32)
+    ldc = _padded(c)
     row_blocks = triton.cdiv(b, blocks.rows)
-    _logit_grad_kernel[(row_blocks, triton.cdiv(c, blocks.classes))](
-        f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
-        scale_ptr, scale_value, lse, inv_ni, inv_nt, n, nz, b, c, d, **common,
-    )
-
-    d_img = torch.empty_like(f_i)
-    d_txt = torch.empty_like(f_t) if per_row else None
-    dg_txt = torch.empty(b, d, device=dev, dtype=torch.float32) if not per_row else nz  # unused when per-row
-    vec_parts = torch.empty(4, row_blocks, d, device=dev, dtype=torch.float32)
-    _row_grad_kernel[(row_blocks, triton.cdiv(d, blocks.features))](
-        f_i, f_t, labels, g_i, g_t, w, scale_ptr, scale_value, grad, coef_itm, coef_cat,
-        inv_ni, inv_nt, n, nz, d_img, d_txt if per_row else d_img, dg_txt, vec_parts, b, c, d, **common,
-    )
-
+    class_blocks, feature_blocks = triton.cdiv(c, blocks.classes), triton.cdiv(d, blocks.features)
     splits = _row_splits(blocks, b, c, d, dev)
     # Whole row blocks per split, so a block never straddles two splits.
     rows_per_split = triton.cdiv(row_blocks, splits) * blocks.rows
     splits = triton.cdiv(b, rows_per_split)
-    if splits == 1:
-        # One split: the kernel writes the final gradients, no second pass.
-        dw_part, db_part = torch.empty_like(w)[None], torch.empty_like(bias)[None]
-        d_txt_part = torch.empty_like(f_t)[None] if not per_row else dw_part
-    else:
+
+    n = torch.empty(3, b, ldc, device=dev, dtype=n_dtype)
+    nz = torch.empty(b, ldc, device=dev, dtype=torch.float32)
+    tickets = torch.empty(class_blocks * feature_blocks if splits > 1 else 1, device=dev, dtype=torch.int32)
+    _logit_grad_kernel[(row_blocks, triton.cdiv(c, blocks.classes))](
+        f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias,
+        scale_ptr, scale_value, lse, inv_ni, inv_nt, n, nz, tickets, tickets.numel() if splits > 1 else 0,
+        b, c, d, ldc, **common,
+    )
+
+    d_img = torch.empty_like(f_i)
+    d_txt = torch.empty_like(f_t)
+    dg_txt = torch.empty(b, d, device=dev, dtype=torch.float32) if not per_row else nz  # unused when per-row
+    vec_parts = torch.empty(4, row_blocks, d, device=dev, dtype=torch.float32)
+    _row_grad_kernel[(row_blocks, feature_blocks)](
+        f_i, f_t, labels, g_i, g_t, w, scale_ptr, scale_value, grad, coef_itm, coef_cat,
+        inv_ni, inv_nt, n, nz, d_img, d_txt if per_row else d_img, dg_txt, vec_parts, b, c, d, ldc, **common,
+    )
+
+    d_w, d_b = torch.empty_like(w), torch.empty_like(bias)
+    if splits > 1:
         dw_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32)
         db_part = torch.empty(splits, c, device=dev, dtype=torch.float32)
         d_txt_part = torch.empty(splits, c, d, device=dev, dtype=torch.float32) if not per_row else dw_part
-    vec = [torch.empty_like(t) for t in (g_i, b_i, g_t, b_t)]
-    _class_grad_kernel[(triton.cdiv(c, blocks.classes), triton.cdiv(d, blocks.features), splits)](
-        f_i, f_t, labels, g_i, b_i, g_t, b_t, scale_ptr, scale_value, grad, coef_itm, coef_cat,
-        inv_ni, inv_nt, n, nz, dg_txt, dw_part, db_part, d_txt_part, vec_parts, *vec, row_blocks,
-        b, c, d, rows_per_split, **common,
-    )
-
-    if splits == 1:
-        d_w, d_b = dw_part[0], db_part[0]
-        if not per_row:
-            d_txt = d_txt_part[0]
     else:
-        # Second pass of the split-K reductions: fixed order, so deterministic.
-        d_w = dw_part.sum(dim=0).to(w.dtype)
-        d_b = db_part.sum(dim=0).to(bias.dtype)
-        if not per_row:
-            d_txt = d_txt_part.sum(dim=0).to(f_t.dtype)
+        dw_part, db_part, d_txt_part = d_w, d_b, d_w  # unused
+    vec = [torch.empty_like(t) for t in (g_i, b_i, g_t, b_t)]
+    _class_grad_kernel[(class_blocks, feature_blocks, splits)](
+        f_i, f_t, labels, g_i, b_i, g_t, b_t, scale_ptr, scale_value, grad, coef_itm, coef_cat,
+        inv_ni, inv_nt, n, nz, dg_txt, d_w, d_b, d_w if per_row else d_txt, dw_part, db_part, d_txt_part, tickets,
+        vec_parts, *vec, row_blocks, b, c, d, ldc, rows_per_split, SPLIT=splits > 1, **common,
+    )
     return (d_img, d_txt, *vec, d_w, d_b)
 
 
@@ -752,7 +852,7 @@ def _launch_logits(f_i, f_t, g_i, b_i, w, bias, scale_t, scale_f, lam, fuse):
     b, d = f_i.shape
     c = w.shape[0]
     per_row = f_t.ndim == 3
-    blocks = _pick_blocks(b, c, d, per_row, f_i.device, f_i.dtype)
+    blocks = _pick_blocks(b, c, d, per_row, f_i.dtype, device_arch(f_i.device))
     out = torch.empty(b, c, device=f_i.device, dtype=torch.float32)
     scale_ptr, scale_value, from_ptr = _scale_args(scale_t, scale_f)
     dot, _, precision = _dot_types(f_i.dtype)
@@ -829,9 +929,12 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, lse, inv_ni, inv_nt)
     ctx.scale_f, ctx.lam = scale_f, lam
     ctx.mark_non_differentiable(lse, inv_ni, inv_nt)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics (three launches)
 
 
 def _loss_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return (None,) * 12
     f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, lse, inv_ni, inv_nt = ctx.saved_tensors
     d_img, d_txt, d_gi, d_bi, d_gt, d_bt, d_w, d_b = _cat_head_loss_backward_op(
         grad_loss, f_i, f_t, labels, g_i, b_i, g_t, b_t, w, bias, scale_t, ctx.scale_f, ctx.lam, lse, inv_ni, inv_nt,
@@ -918,6 +1021,19 @@ def cat_head_loss(
     (int64 or int32), gamma/beta [d], weight [C, d], bias [C], logit_scale = s (float or scalar
     tensor; frozen, gets no gradient). Returns a float32 scalar; gradients flow to the features,
     gamma/beta (both), weight and bias, each in its input's dtype.
+
+    In a DePT-style research codebase, the CAT head's lines (channel-wise scale/shift layers on
+    the text features gathered by label and on the image features, concatenated, a linear layer,
+    cross-entropy against the labels repeated twice) are one call with lam=1.0 (the CAT head
+    alone; the ITM work is skipped):
+
+        loss_cat = cat_head_loss(img_feats, text_feats, labels,
+                                 gamma_img=film_img.scale, beta_img=film_img.bias,
+                                 gamma_txt=film_txt.scale, beta_txt=film_txt.bias,
+                                 weight=linear.weight, bias=linear.bias, logit_scale=1.0, lam=1.0)
+
+    and with logit_scale = CLIP's exp(logit_scale) and lam = the CAT weight the call is the
+    whole objective, the ITM cross-entropy included (docs/drop-in.md).
     """
     check_cat_head_args(
         image_features, text_features, labels, gamma_img=gamma_img, beta_img=beta_img, gamma_txt=gamma_txt,

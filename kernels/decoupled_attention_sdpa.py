@@ -152,28 +152,42 @@ def _segments(t: torch.Tensor, lay: _Layout):
     return t[:, :, : lay.prompt_start], t[:, :, lay.prompt_start : pe], t[:, :, pe:]
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class _SegmentedAttention(torch.autograd.Function):
     """Autograd over the segments: each segment of q, k, v is a leaf of an inner graph, so the
     backward writes each input gradient once (one concatenation) instead of zero-filling a full
-    gradient per slice and adding them up."""
+    gradient per slice and adding them up. The first backward consumes the inner graph (its
+    buffers are freed as autograd goes, as usual); a second one through a retained outer graph
+    (`backward(retain_graph=True)` twice) rebuilds it from the saved inputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, instance_weight, prompt_weight, lay: _Layout):
+    def _inner_graph(q, k, v, instance_weight, prompt_weight, lay: _Layout):
         def leaf(t):
             return t.detach().requires_grad_(t.requires_grad)
 
         qs, ks, vs = ([leaf(s) for s in _segments(t, lay)] for t in (q, k, v))
         weights = [leaf(w) if isinstance(w, torch.Tensor) else w for w in (instance_weight, prompt_weight)]
-        with torch.enable_grad():
-            pieces = _decomposed(qs, ks, vs, *weights, lay)
-            out = _join(*pieces)
-        ctx.inner = (out, qs + ks + vs, weights)
-        return out.detach()
+        # The inner graph keeps its own saved tensors: an enclosing torch.utils.checkpoint's hooks
+        # would otherwise recompute the whole checkpointed region each time it reads one of them.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            out = _join(*_decomposed(qs, ks, vs, *weights, lay))
+        return out, qs + ks + vs, weights
+
+    @staticmethod
+    def forward(ctx, q, k, v, instance_weight, prompt_weight, lay: _Layout):
+        ctx.inner = _SegmentedAttention._inner_graph(q, k, v, instance_weight, prompt_weight, lay)
+        # Views of the inputs (no copy): only read again if a retained graph is differentiated twice.
+        ctx.inputs = (q, k, v, instance_weight, prompt_weight, lay)
+        return ctx.inner[0].detach()
 
     @staticmethod
     def backward(ctx, grad_out):
-        out, leaves, weights = ctx.inner
-        del ctx.inner
+        inner = getattr(ctx, "inner", None) or _SegmentedAttention._inner_graph(*ctx.inputs)
+        ctx.inner = None
+        out, leaves, weights = inner
         wanted = [t for t in leaves + weights if isinstance(t, torch.Tensor) and t.requires_grad]
         found = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
         grads = {id(t): next(found) for t in wanted}

@@ -1,8 +1,8 @@
 """Plain-PyTorch definitions of fastprompt's ops: the spec every Triton kernel is tested against.
 
 They materialise the full score matrix and the logits, compute in float32 for half-precision
-inputs (float64 stays float64), and are differentiable by autograd. See shared/design DPL.md and
-DEPT.md for the maths.
+inputs (float64 stays float64), and are differentiable by autograd. The maths: docs/dpl.md (the
+decoupled attention and its mixing rules) and docs/methods.md (DePT's CAT head and loss).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def mix_weight(
     has_p: torch.Tensor,
     has_x: torch.Tensor,
 ) -> torch.Tensor:
-    """w, the prompts' share of each row ([B, H, N]), under one mixing rule (DPL.md).
+    """w, the prompts' share of each row ([B, H, N]), under one mixing rule (docs/dpl.md).
 
     A row that sees no prompt key gets w = 0, one that sees no instance key gets w = 1.
     """

@@ -261,6 +261,15 @@ def check_triton_device(op: str, fallback: str, **tensors: torch.Tensor) -> None
     )
 
 
+def device_arch(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (90: H100/H200, 80: A100): the kernels' tile choice
+    depends on it. 90 off CUDA (the interpreter runs its own small tiles anyway)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -282,7 +291,7 @@ def check_triton_runnable(q, *, interpreted: bool, max_head_dim: int) -> None:
             f"triton is first imported, which runs them slowly on the CPU); {fallback}"
         )
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        # The interpreter's bf16 dot products are wrong (STACK.md): refuse rather than return garbage.
+        # The interpreter's bf16 dot products are wrong (docs/kernels.md): refuse rather than return garbage.
         raise ValueError(
             "q is bfloat16 on the CPU: Triton's interpreter computes bf16 wrongly; use float32 or float16 "
             f"there, or {fallback}"

@@ -121,7 +121,7 @@ def test_promptsrc_steps_batch_the_frozen_branch_on_the_fast_path_only(style):
 
 def test_bench_train_smoke_writes_json_chart_and_report(tmp_path, capsys):
     path = bench_train("--smoke", "--out", str(tmp_path), "--run", "dept+coop", "--max-batch", "dept+coop",
-                       "--vision-mfu", "maple")
+                       "--vision-mfu", "maple", "--precompute", "coop", "maple")
     result = json.loads(path.read_text())
     env, cfg = result["environment"], result["config"]
     assert result["benchmark"] == "train" and cfg["mode"] == "smoke" and cfg["model"] == TINY_MODEL
@@ -140,12 +140,20 @@ def test_bench_train_smoke_writes_json_chart_and_report(tmp_path, capsys):
     assert [r["largest_batch"] for r in result["largest_batch"]] == [8, 8]  # CPU: the smoke search's cap
     (vision,) = result["vision_mfu"]
     assert vision["method"] == "maple" and vision["batch"] == 4 and vision["flops"] > 0 and vision["mfu"] > 0
+    assert cfg["precompute_features"] is True  # the grid steps as training does by default
+    coop, maple = result["precompute"]
+    assert coop["applies"] and coop["feature_batch"] == 8 and coop["steps"] == 2  # whole cycles of 8 / 4 steps
+    assert len(coop["on_step_ms_passes"]) == len(coop["off_step_ms_passes"]) == 1
+    assert coop["ratio"] == pytest.approx(coop["on_step_ms"] / coop["off_step_ms"])
+    assert maple == {"method": "maple", "batch": 4, "classes": 5, "feature_batch": 8, "applies": False}
     png = path.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png.unlink()
     capsys.readouterr()
     assert main(["bench", "report", str(path)]) == 0
-    assert png.is_file() and "| coop | 4 | 5 | fast |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert png.is_file() and "| coop | 4 | 5 | fast |" in printed
+    assert "precompute coop B=4 C=5 (feature batch 8): " in printed and "maple B=4 C=5 (feature batch 8): not applicable" in printed
     assert main(["bench", "report", str(png)]) == 2  # not a result: one line, no traceback
     assert "is not valid JSON" in capsys.readouterr().err
 

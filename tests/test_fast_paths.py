@@ -15,6 +15,7 @@ import torch
 
 from fastprompt.clip import TINY_MODEL, load_clip
 from fastprompt.config import load_config
+from fastprompt.errors import ConfigError
 from fastprompt.fast_paths import configure_text, text_encoders, uses_image_features
 from fastprompt.methods import build_model
 from fastprompt.metrics import backbone_fingerprint
@@ -163,6 +164,19 @@ def test_training_on_precomputed_image_features_equals_step_by_step(clip, method
     assert plain_state.keys() == fast_state.keys()
     for key in plain_state:
         torch.testing.assert_close(fast_state[key], plain_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_train_log_says_where_the_image_features_come_from(clip, tmp_path):
+    """train.log names the feature path a run took and the setting behind it."""
+    _, _, sizes = _fit(clip, "coop", tmp_path / "off", "false")
+    assert sizes == [4] * 6
+    assert "image features: encoded in each step (train.precompute_features=false)" in (
+        tmp_path / "off" / "train.log").read_text()
+    _fit(clip, "coop", tmp_path / "on", "true")
+    assert "image features: encoded ahead in no-grad batches of 8 images (train.precompute_features=true)" in (
+        tmp_path / "on" / "train.log").read_text()
+    with pytest.raises(ConfigError, match=r"train.precompute_features: expected bool, got 'sometimes'"):
+        load_config(None, ["train.precompute_features=sometimes"])
 
 
 @pytest.mark.parametrize("method", ["promptsrc", "dept+promptsrc"])

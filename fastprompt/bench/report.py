@@ -10,6 +10,7 @@ from typing import Optional
 from ..errors import MissingFileError, ResultsError
 from ..render import figure, grouped_bars, markdown_table as table_lines, save_figure
 from .stepper import STYLES
+from .steps import precompute_line
 
 __all__ = ["speedups", "draw_bench_chart", "markdown_table", "one_line", "load_bench_result"]
 
@@ -94,6 +95,8 @@ def markdown_table(results: dict) -> str:
         if "mfu" in r:
             lines.append(f"\nvision forward+backward {r['method']} batch {r['batch']}: {r['step_ms']:.2f} ms, "
                          f"MFU {100 * r['mfu']:.1f}%")
+    for r in results.get("precompute") or []:
+        lines.append("\n" + precompute_line(r))
     for r in results.get("whole_runs") or []:
         if "seconds" not in r:
             lines.append(f"\nwhole run {r['method']} {r['style']}: {r.get('error')}")

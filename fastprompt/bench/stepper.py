@@ -52,7 +52,7 @@ class Stepper:
     def __init__(self, style: str, clip, method: str, batch: int, classes: int, *, device: torch.device,
                  feature_batch: int = 512, text_chunk_size: Optional[int] = None, compile: bool = False,
                  cuda_graphs: bool = False, num_workers: int = 0, seed: int = 0,
-                 clock: Optional[PhaseClock] = None):
+                 clock: Optional[PhaseClock] = None, precompute: bool = True):
         if style not in STYLES:
             raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
         self.style, self.batch, self.device, self.clock = style, batch, device, clock
@@ -77,13 +77,15 @@ class Stepper:
             inner.text_features = clock.wrap(inner.text_features, "text_encoder")
             if uses_frozen_image_features(inner):  # PromptSRC's frozen branch: a second image encoder
                 inner.encode_frozen_images = clock.wrap(inner.encode_frozen_images, "frozen_image_encoder")
-        # The fast style encodes image features that need no gradient ahead, in no-grad batches of
-        # feature_batch images (an unprompted encoder's, or PromptSRC's frozen ones): the loop's rule.
+        # With `precompute`, the fast style encodes image features that need no gradient ahead, in
+        # no-grad batches of feature_batch images (an unprompted encoder's, or PromptSRC's frozen
+        # ones): the loop's rule under train.precompute_features.
         self.forward, self._features = self.model, None
         if style == "fast":
             self.forward, self._features = step_forward(self.model, self.model,
                                                         steps_per_chunk=max(1, feature_batch // batch),
-                                                        autocast=self.precision.autocast)
+                                                        autocast=self.precision.autocast,
+                                                        image_features=precompute, frozen_image_features=precompute)
         self.precompute = self._features is not None
         self.steps_per_cycle = self._features.steps_per_chunk if self.precompute else 1
         if style == "official":

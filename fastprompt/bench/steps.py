@@ -17,7 +17,7 @@ import torch
 from .stepper import Stepper, timed_steps
 from .timing import PhaseClock, is_oom, peak_memory, reset_memory
 
-__all__ = ["PASS_SECONDS", "bench_step"]
+__all__ = ["PASS_SECONDS", "bench_step", "precompute_comparison", "precompute_line"]
 
 PASS_SECONDS = 5.0  # rough cap on one measured pass of a configuration
 
@@ -25,7 +25,7 @@ PASS_SECONDS = 5.0  # rough cap on one measured pass of a configuration
 def bench_step(clip, method: str, batch: int, classes: int, style: str, *, device: torch.device, steps: int,
                warmup: int, feature_batch: int, text_chunk_size: Optional[int], compile: bool, num_workers: int,
                cuda_graphs: bool = False, flops: Optional[float] = None, peak_rate: Optional[float] = None,
-               repeats: int = 3) -> dict:
+               repeats: int = 3, precompute: bool = True) -> dict:
     """Throughput, breakdown, memory and MFU of one configuration; {'oom': True} if it does not fit.
 
     images/s and step_ms are the median over `repeats` passes of n steps (each pass's mean step)."""
@@ -35,7 +35,8 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
         reset_memory(device)
         clock = PhaseClock(device)
         stepper = Stepper(style, clip, method, batch, classes, device=device, feature_batch=feature_batch,
-                          text_chunk_size=text_chunk_size, compile=False, num_workers=num_workers, clock=clock)
+                          text_chunk_size=text_chunk_size, compile=False, num_workers=num_workers, clock=clock,
+                          precompute=precompute)
         cycle = stepper.steps_per_cycle
         warm = cycle * max(1, math.ceil(warmup / cycle))
         warm_s = timed_steps(stepper, warm, device) / warm
@@ -56,7 +57,7 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
             torch._dynamo.reset()  # each configuration compiles afresh (and stays under dynamo's cache limit)
             stepper = Stepper(style, clip, method, batch, classes, device=device, feature_batch=feature_batch,
                               text_chunk_size=text_chunk_size, compile=True, cuda_graphs=cuda_graphs,
-                              num_workers=num_workers)
+                              num_workers=num_workers, precompute=precompute)
             timed_steps(stepper, cycle * max(1, math.ceil(warmup / cycle)), device)
         elif device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -89,3 +90,52 @@ def bench_step(clip, method: str, batch: int, classes: int, style: str, *, devic
 def _text_rows(method: str, batch: int, classes: int) -> int:
     return batch * classes if method.endswith("cocoop") else classes
 
+
+
+def precompute_comparison(clip, method: str, batch: int, classes: int, *, device: torch.device, steps: int,
+                          warmup: int, feature_batch: int, text_chunk_size: Optional[int], num_workers: int,
+                          repeats: int = 3) -> dict:
+    """The fast style's step time with the no-grad image features encoded ahead (in batches of
+    `feature_batch` images) and encoded in each step, measured alike in one process: the
+    measurement behind train.precompute_features=auto. The two are interleaved pass by pass so a
+    change in the machine's load falls on both. `ratio` = on / off (< 1: precomputing is faster)."""
+    record = {"method": method, "batch": batch, "classes": classes, "feature_batch": feature_batch}
+    steppers = {}
+    try:
+        for on in (True, False):
+            steppers[on] = Stepper("fast", clip, method, batch, classes, device=device, feature_batch=feature_batch,
+                                   text_chunk_size=text_chunk_size, num_workers=num_workers, precompute=on)
+        if not steppers[True].precompute:
+            return {**record, "applies": False}  # a prompted image encoder: nothing to encode ahead
+        # Whole precompute cycles in every pass, for both settings: the large batch is amortised.
+        cycle = steppers[True].steps_per_cycle
+        n = cycle * max(1, math.ceil(steps / cycle))
+        for stepper in steppers.values():
+            timed_steps(stepper, cycle * max(1, math.ceil(warmup / cycle)), device)
+        passes = {True: [], False: []}
+        for _ in range(repeats):
+            for on, stepper in steppers.items():
+                passes[on].append(timed_steps(stepper, n, device) / n)
+        on_s, off_s = statistics.median(passes[True]), statistics.median(passes[False])
+        record.update({"applies": True, "steps": n, "on_step_ms": 1e3 * on_s, "off_step_ms": 1e3 * off_s,
+                       "on_step_ms_passes": [1e3 * p for p in passes[True]],
+                       "off_step_ms_passes": [1e3 * p for p in passes[False]], "ratio": on_s / off_s})
+    except RuntimeError as err:
+        if not is_oom(err):
+            raise
+        record.update({"oom": True, "error": str(err).splitlines()[0][:200]})
+    finally:
+        steppers.clear()
+        reset_memory(device)
+    return record
+
+
+def precompute_line(r: dict) -> str:
+    """One precompute comparison as a line of the printed table."""
+    head = f"precompute {r['method']} B={r['batch']} C={r['classes']} (feature batch {r.get('feature_batch')})"
+    if "error" in r:
+        return f"{head}: {r['error']}"
+    if not r.get("applies"):
+        return f"{head}: not applicable (the image encoder is trained)"
+    return (f"{head}: {r['on_step_ms']:.2f} ms/step encoded ahead, {r['off_step_ms']:.2f} ms/step in each step "
+            f"(ratio {r['ratio']:.3f})")

@@ -24,11 +24,12 @@ from ..clip import load_clip
 from ..errors import ConfigError
 from ..methods import METHOD_NAMES
 from ..official import official_clip
+from ..config import TrainConfig
 from ..training import resolve_device
 from .capacity import largest_batch, vision_mfu
 from .report import draw_bench_chart, load_bench_result, markdown_table, one_line, speedups
 from .runs import whole_run
-from .steps import bench_step
+from .steps import bench_step, precompute_comparison, precompute_line
 from .stepper import STYLES
 from .synthetic import write_synthetic_tree
 from .timing import environment, measure_matmul_rate, reset_memory
@@ -68,6 +69,8 @@ class BenchOptions:
     run_test_per_class: Optional[int] = None
     max_batch: Optional[list[str]] = None  # largest batch of these methods ([]: the default two)
     vision_mfu: Optional[list[str]] = None  # prompted image encoder alone ([]: maple and dpl)
+    precompute: Optional[list[str]] = None  # fast steps with and without precomputed features ([]: coop)
+    feature_batch: Optional[int] = None  # images per no-grad feature batch (train.feature_batch_size)
 
 
 def guarded(smoke: bool, record: dict, fn: Callable, *args, **kwargs) -> dict:
@@ -92,6 +95,7 @@ def run_bench(opts: BenchOptions) -> Path:
     steps = opts.steps or grid["steps"]
     repeats = opts.repeats or grid["repeats"]
     chunk = opts.text_chunk_size if opts.text_chunk_size is not None else grid["text_chunk_size"]
+    feature_batch = opts.feature_batch or grid["feature_batch"]
     bad = [m for m in methods if m not in METHOD_NAMES]
     if bad:
         raise ConfigError(f"unknown method(s) {bad}; choose from {', '.join(METHOD_NAMES)}")
@@ -100,7 +104,9 @@ def run_bench(opts: BenchOptions) -> Path:
     matmul = measure_matmul_rate(device, smoke=opts.smoke)
     config = {"model": model, "pretrained": None, "mode": "smoke" if opts.smoke else "full", "methods": methods,
               "batches": batches, "classes": classes, "styles": opts.styles, "steps": steps, "warmup": grid["warmup"],
-              "feature_batch": grid["feature_batch"], "text_chunk_size": chunk, "compile": opts.compile,
+              "feature_batch": feature_batch, "text_chunk_size": chunk,
+              # the grid's fast style precomputes as training does by default (train.precompute_features)
+              "precompute_features": TrainConfig().precompute_features, "compile": opts.compile,
               "cuda_graphs": opts.cuda_graphs,
               "num_workers": grid["num_workers"], "image_size": None, "repeats": repeats,
               "statistic": "median over `repeats` passes of each pass's mean step time"}
@@ -124,10 +130,10 @@ def run_bench(opts: BenchOptions) -> Path:
                     for style in opts.styles:
                         rec = guarded(opts.smoke, {"method": method, "batch": b, "classes": c, "style": style},
                                       bench_step, clip_for(style), method, b, c, style, device=device, steps=steps,
-                                      warmup=grid["warmup"], feature_batch=grid["feature_batch"],
+                                      warmup=grid["warmup"], feature_batch=feature_batch,
                                       text_chunk_size=chunk, compile=opts.compile, cuda_graphs=opts.cuda_graphs,
                                       num_workers=grid["num_workers"], flops=flops, peak_rate=matmul["flops_per_s"],
-                                      repeats=repeats)
+                                      repeats=repeats, precompute=config["precompute_features"])
                         flops = rec.get("model_flops_per_step", flops)
                         results["steps"].append(rec)
                         print(one_line(rec), flush=True)
@@ -143,13 +149,21 @@ def run_bench(opts: BenchOptions) -> Path:
                           device=device, steps=steps, peak_rate=matmul["flops_per_s"])
             results["vision_mfu"].append(rec)
             print(f"vision forward+backward {method} B={batch}: MFU {rec.get('mfu', rec.get('error'))}", flush=True)
+    if opts.precompute is not None:
+        results["precompute"] = [
+            guarded(opts.smoke, {"method": method, "batch": b, "classes": c}, precompute_comparison, clip_for("fast"),
+                    method, b, c, device=device, steps=steps, warmup=grid["warmup"], feature_batch=feature_batch,
+                    text_chunk_size=chunk, num_workers=grid["num_workers"], repeats=repeats)
+            for method in opts.precompute or ["coop"] for b in batches for c in classes]
+        for rec in results["precompute"]:
+            print(precompute_line(rec), flush=True)
     if opts.max_batch is not None:
         results["largest_batch"] = []
         for method in opts.max_batch or ["dept+coop", "dept+maple"]:
             for style in opts.styles:
                 rec = guarded(opts.smoke, {"method": method, "classes": max(classes), "style": style},
                               largest_batch, clip_for(style), method, max(classes), style, device=device,
-                              feature_batch=grid["feature_batch"], text_chunk_size=chunk,
+                              feature_batch=feature_batch, text_chunk_size=chunk,
                               limit=8 if opts.smoke else 4096, num_workers=grid["num_workers"])
                 results["largest_batch"].append(rec)
                 print(f"largest batch {method} {style} C={max(classes)}: {rec.get('largest_batch', rec.get('error'))}",

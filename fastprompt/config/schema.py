@@ -103,6 +103,8 @@ class TrainConfig:
     # encode each epoch's augmented views in no-grad batches of about feature_batch_size images (and
     # cache test-image features on disk, <data.cache_dir or output_dir>/features, across epochs, seeds,
     # methods); PromptSRC encodes its frozen-branch image features of the views in such batches.
+    # On for every device: measured never much slower on a CPU, up to 2.6x faster (docs/training.md;
+    # `fastprompt bench train --precompute` repeats the measurement on any device).
     precompute_features: bool = True
     feature_batch_size: int = 256
     feature_cache: bool = True

@@ -174,7 +174,7 @@ class PromptedCLIP(PromptModel):
     `regularizer(text_features, ...)` (extra loss terms).
     """
 
-    def __init__(self, clip: ClipBundle, *, attention_backend: str = "sdpa"):
+    def __init__(self, clip: ClipBundle, *, attention_backend: str = "auto"):
         super().__init__()
         self.image_encoder = ImageEncoder(clip.model, attention_backend)
         self.text_encoder = TextEncoder(clip.model, attention_backend)

@@ -24,7 +24,7 @@ class CoOp(PromptedCLIP):
         n_ctx: Optional[int],
         ctx_init: Optional[str],
         ctx_std: float,
-        attention_backend: str = "sdpa",
+        attention_backend: str = "auto",
         depth: int = 1,
     ):
         # depth > 1 (deep text prompts) is for subclasses (IVLP); CoOp's own options have no depth.

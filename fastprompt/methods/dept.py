@@ -17,9 +17,8 @@ from torch import nn
 from fastprompt.kernels import reference as reference_ops
 from fastprompt.kernels.reference import itm_logits
 
+from ..backends import HEAD_BACKENDS, head_backend_for
 from .base import ModelOutput, PromptedCLIP, PromptModel
-
-HEAD_BACKENDS = ("reference", "triton")
 
 
 def _head_ops(backend: str):
@@ -31,8 +30,24 @@ def _head_ops(backend: str):
     return reference_ops
 
 
+class _LazyLogitsOutput(ModelOutput):
+    """A training step's output: the loss now, the (reported-only) logits computed on first access."""
+
+    def __init__(self, loss: torch.Tensor, compute_logits):
+        self.loss = loss
+        self._compute_logits = compute_logits
+        self._logits: Optional[torch.Tensor] = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self._compute_logits()
+            self._compute_logits = None
+        return self._logits
+
+
 class DePT(PromptModel):
-    DEFAULTS = {"lam": 0.7, "head_backend": "reference", "fuse": True}
+    DEFAULTS = {"lam": 0.7, "head_backend": "auto", "fuse": True}
 
     def __init__(self, base: PromptedCLIP, *, lam: float, head_backend: str, fuse: bool):
         super().__init__()
@@ -108,7 +123,7 @@ class DePT(PromptModel):
             loss = None if labels is None else base.itm_loss(logits, text_features, labels, **features)
             return ModelOutput(logits=logits, loss=loss)
 
-        ops = _head_ops(self.head_backend)
+        ops = _head_ops(head_backend_for(self.head_backend, image_features))
         weight, bias = self._classifier()
         head = dict(gamma_img=self.gamma_img, beta_img=self.beta_img, weight=weight, bias=bias, logit_scale=base.logit_scale, lam=self.lam)
         if labels is None:
@@ -121,9 +136,14 @@ class DePT(PromptModel):
         extra = base.regularizer(text_features, **features)
         if extra is not None:
             loss = loss + extra
-        with torch.no_grad():  # the logits are only reported (accuracy); the loss needs no logits
-            logits = ops.cat_head_logits(image_features.detach(), text_features.detach(), fuse=self.fuse, **head)
-        return ModelOutput(logits=logits, loss=loss)
+        # The training step reads only the loss: the inference logits are computed if and when they are read.
+        img, txt = image_features.detach(), text_features.detach()
+
+        def logits():
+            with torch.no_grad():
+                return ops.cat_head_logits(img, txt, fuse=self.fuse, **head)
+
+        return _LazyLogitsOutput(loss, logits)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         groups = {}

@@ -109,7 +109,7 @@ class DPL(PromptedCLIP):
         prompt_mix: str,
         prompt_weight: float,
         language_conditioned: bool,
-        attention_backend: str = "sdpa",
+        attention_backend: str = "auto",
     ):
         super().__init__(clip, attention_backend=attention_backend)
         if modality not in MODALITIES:

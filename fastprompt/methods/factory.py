@@ -31,7 +31,7 @@ BASE_METHODS = {
     "ivlp": IVLP,
     "promptsrc": PromptSRC,
 }
-COMMON_DEFAULTS = {"attention_backend": "sdpa"}
+COMMON_DEFAULTS = {"attention_backend": "auto"}
 # DePT's own settings for its base methods (its paper): KgCoOp's term weighs 2.0, not 8.0.
 DEPT_BASE_OVERRIDES = {"kgcoop": {"kg_weight": 2.0}}
 METHOD_NAMES: List[str] = sorted(BASE_METHODS) + [f"dept+{m}" for m in sorted(BASE_METHODS)]

@@ -27,7 +27,7 @@ class IVLP(CoOp):
 
     def __init__(
         self, clip: ClipBundle, classnames: Sequence[str], *, n_ctx: Optional[int], ctx_init: Optional[str],
-        ctx_std: float, depth: int, n_vis_ctx: int, vis_depth: int, attention_backend: str = "sdpa",
+        ctx_std: float, depth: int, n_vis_ctx: int, vis_depth: int, attention_backend: str = "auto",
     ):
         super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, ctx_std=ctx_std, depth=depth,
                          attention_backend=attention_backend)

@@ -27,7 +27,7 @@ class MaPLe(PromptedCLIP):
         ctx_init: Optional[str],
         ctx_std: float,
         depth: int,
-        attention_backend: str = "sdpa",
+        attention_backend: str = "auto",
     ):
         super().__init__(clip, attention_backend=attention_backend)
         self.classnames = check_classnames(classnames)

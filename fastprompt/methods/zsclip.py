@@ -28,7 +28,7 @@ class ZeroShotCLIP(PromptedCLIP):
     method = "zsclip"
     DEFAULTS = {"template": GENERIC_TEMPLATE}
 
-    def __init__(self, clip: ClipBundle, classnames: Sequence[str], *, template: str, attention_backend: str = "sdpa"):
+    def __init__(self, clip: ClipBundle, classnames: Sequence[str], *, template: str, attention_backend: str = "auto"):
         super().__init__(clip, attention_backend=attention_backend)
         self.template = template
         self.set_classnames(classnames)

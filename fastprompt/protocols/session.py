@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import distributed
 from ..checkpoint import latest_checkpoint_dir
+from ..backends import describe_backends
 from ..clip import ClipBundle, load_clip
 from ..config import Config, check_method_options, config_to_dict
 from ..data import DatasetSplits, GpuAugment, TrainImageCache, few_shot_split, load_dataset, locate_dataset
@@ -97,9 +98,17 @@ class Session:
         evaluator = Evaluator.from_config(cfg, clip, device, folder.features_dir(cfg.data.cache_dir))
         session = cls(cfg=cfg, clip=clip, device=device, folder=folder, method_options=options, evaluator=evaluator,
                       resume=resume, train=train, say=say)
+        session.check_backends()  # before any data is read: a config that cannot run says so first
+        say(f"  {session.backends_note}")
         if train:
             session.warn(setting_warnings(cfg))
         return session
+
+    @property
+    def backends_note(self) -> str:
+        """What runs the attention (and DePT's CAT head) on this run's device, and why (`auto`)."""
+        options = {**method_defaults(self.cfg.method.name), **self.method_options}
+        return describe_backends(options["attention_backend"], options.get("head_backend"), self.device)
 
     @staticmethod
     def method_options_of(cfg: Config) -> dict:
@@ -168,7 +177,8 @@ class Session:
                   if self.method_options.get(key) == "triton"]
         if chosen:
             try:
-                check_triton_device(" and ".join(chosen), "attention_backend=sdpa or reference, head_backend=reference",
+                check_triton_device(" and ".join(chosen), "method.options.attention_backend=auto and head_backend=auto "
+                                    "(the fastest path this device runs)",
                                     probe=torch.empty(1, device=self.device))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
@@ -192,6 +202,7 @@ class Session:
         augment = GpuAugment(clip.image_size, clip.mean, clip.std, scale=tuple(cfg.data.crop_scale)).to(self.device)
         logger = RunLogger(seed_dir)
         logger.info(f"backbone {clip.name}: {clip.build_note}")
+        logger.info(self.backends_note)
         for warning in self.warnings:
             logger.warning(warning)
         if cache.skipped:

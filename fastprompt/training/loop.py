@@ -22,6 +22,7 @@ from .. import distributed
 from ..checkpoint import latest_checkpoint_dir
 from ..compiled import compile_encoders
 from ..config import Config, config_to_dict
+from ..fast_paths import uses_frozen_image_features, uses_image_features
 from ..methods.gpa import GaussianPromptAggregation
 from ..run_folder import checkpoints_dir
 from .batches import BatchSource, EpochBatches, FeatureEncoding, steps_per_epoch
@@ -89,6 +90,7 @@ def fit(
                  f"{tcfg.epochs} epochs x {per_epoch} steps, batch {bs}"
                  + (f" ({part.stop - part.start} per process x {distributed.world_size()})"
                     if distributed.is_distributed() else "") + f", {tcfg.precision}, device {device}")
+        log.info(_feature_note(model, features, cfg.train.precompute_features, bs))
         if gpa is not None:
             log.info(f"Gaussian prompt aggregation: mean {gpa.mean:g}, std {gpa.std:g} over {tcfg.epochs} epochs")
         save = CheckpointWriter(ckpt_root, model, optimizer, precision, config, seed, gpa)
@@ -189,6 +191,19 @@ def _forward_and_features(model: nn.Module, cfg: Config, device: torch.device, p
     return step_forward(model, wrapped, steps_per_chunk=max(1, cfg.train.feature_batch_size // batch),
                         autocast=precision.autocast, image_features=precompute and not distributed.is_distributed(),
                         frozen_image_features=precompute)
+
+
+def _feature_note(model: nn.Module, features: Optional[FeatureEncoding], setting: bool, batch: int) -> str:
+    """The train.log line saying where the steps' image features come from, and why."""
+    why = f"train.precompute_features={str(setting).lower()}"
+    if features is None:
+        if not (uses_image_features(model) or uses_frozen_image_features(model)):
+            return "image features: encoded in each step (the image encoder is trained: nothing to encode ahead)"
+        if distributed.is_distributed() and uses_image_features(model):
+            return "image features: encoded in each step (distributed runs step through the DDP wrapper)"
+        return f"image features: encoded in each step ({why})"
+    what = "frozen-branch image features" if features.keep_views else "image features"
+    return f"{what}: encoded ahead in no-grad batches of {features.steps_per_chunk * batch} images ({why})"
 
 
 @contextmanager

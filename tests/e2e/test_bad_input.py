@@ -63,7 +63,8 @@ def test_a_triton_backend_that_cannot_run_here_is_refused_before_training(tmp_pa
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "method.options.attention_backend=triton runs Triton kernels" in proc.stderr
-    assert "attention_backend=sdpa or reference" in proc.stderr and not list(out.rglob("train.log"))
+    assert "method.options.attention_backend=auto and head_backend=auto" in proc.stderr
+    assert not list(out.rglob("train.log"))
 
 
 def test_output_dir_that_is_a_file(tmp_path, digits_root, capsys):

@@ -42,7 +42,11 @@ def test_smoke_demo_runs_and_prints_the_table(tmp_path, run_cli, capsys):
         assert (out / name).exists(), name
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The run's log says which activation the backbone was built with, and why.
-    assert "backbone fastprompt-tiny: towers built with nn.GELU (random weights" in (out / "seed1/train.log").read_text()
+    log = (out / "seed1/train.log").read_text()
+    assert "backbone fastprompt-tiny: towers built with nn.GELU (random weights" in log
+    # ... and what runs the attention and the CAT head under `auto` (on a CPU: no Triton), and why.
+    assert "attention: auto -> sdpa (cpu device: the Triton kernels run natively on CUDA GPUs only); CAT head: " \
+           "auto -> reference (cpu device" in log
     assert _final_weights(out)  # a checkpoint with the trained tensors
 
     # `fastprompt eval` rebuilds the models from the checkpoints and gets the same accuracies.

@@ -107,3 +107,47 @@ def test_bad_arguments_raise_the_reference_errors():
         decoupled_attention_sdpa(q, q, q, prompt_start=4, num_prompts=3)
     with pytest.raises(ValueError, match="instance_mix"):
         decoupled_attention_sdpa(q, q, q, prompt_start=0, num_prompts=1, instance_mix="soft")
+
+
+@pytest.mark.parametrize("rules", [("fixed", "exact"), ("learned", "detached")])
+def test_a_retained_graph_differentiates_twice(rules):
+    """backward(retain_graph=True) then backward again (the attention table's backward-alone timing,
+    or a user's double pass): the second pass rebuilds the consumed inner graph and gives the same
+    gradients, equal to the float64 reference's."""
+    qkv = _inputs(2, 3, 21, 8, seed=5)
+    weights = [_weights(rules[0], 3, torch.float64, 1), _weights(rules[1], 3, torch.float64, 2)]
+    kw = dict(prompt_start=1, num_prompts=4, causal=True, instance_mix=rules[0], prompt_mix=rules[1],
+              instance_weight=weights[0], prompt_weight=weights[1])
+    leaves = [*qkv] + [w for w in weights if isinstance(w, torch.Tensor)]
+    out = decoupled_attention_sdpa(*qkv, **kw)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, dout)
+    ref = torch.autograd.grad(reference.decoupled_attention(*qkv, **kw), leaves, dout)
+    for a, b, r in zip(first, second, ref):
+        assert torch.equal(a, b)
+        assert _rel(a, r) < 1e-12
+
+
+def test_inside_a_checkpoint_the_region_is_recomputed_once():
+    """Under torch.utils.checkpoint (how fastprompt encodes long class lists in chunks) the op's inner
+    graph keeps its own tensors: backward recomputes the checkpointed region once, as for any op, and
+    the gradients equal the float64 reference's."""
+    from torch.utils.checkpoint import checkpoint
+
+    qkv = _inputs(2, 3, 13, 8, seed=9)
+    kw = dict(prompt_start=1, num_prompts=4, causal=True, prompt_rows_see_all=True, instance_mix="fixed",
+              instance_weight=0.3)
+    runs = []
+
+    def region(q, k, v):
+        runs.append(1)
+        return decoupled_attention_sdpa(q.sin(), k, v, **kw).cos()
+
+    out = checkpoint(region, *qkv, use_reentrant=False)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, qkv, dout)
+    want = torch.autograd.grad(reference.decoupled_attention(qkv[0].sin(), *qkv[1:], **kw).cos(), qkv, dout)
+    assert len(runs) == 2  # the forward, and one recomputation
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-12

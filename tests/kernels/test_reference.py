@@ -1,5 +1,5 @@
 """The reference ops against SDPA and against a direct, loop-by-loop float64 evaluation of the
-formulas in shared/design DPL.md and DEPT.md."""
+formulas in docs/dpl.md and docs/methods.md (DePT)."""
 import math
 
 import pytest
@@ -20,7 +20,7 @@ def _weight(mix, h):
 
 
 def dpl_by_the_formulas(q, k, v, *, ps, npr, causal, see_all, mixes, weights):
-    """out, LSE_P, LSE_X row by row: Z_P, Z_X, O_P, O_X, then the row type's rule (DPL.md)."""
+    """out, LSE_P, LSE_X row by row: Z_P, Z_X, O_P, O_X, then the row type's rule (docs/dpl.md)."""
     b, h, n, d = q.shape
     out = torch.zeros_like(q)
     lse_p = torch.full((b, h, n), -math.inf, dtype=q.dtype)
@@ -202,7 +202,7 @@ def _cat_inputs(b, c, d, per_image=False, dtype=torch.float64):
 
 
 def dept_by_the_formulas(x, lam):
-    """DEPT.md written out sample by sample in float64."""
+    """DePT's training loss (docs/methods.md) written out sample by sample in float64."""
     f_i, f_t, y = x["image_features"], x["text_features"], x["labels"]
     b = f_i.shape[0]
     ce = lambda z, t: torch.logsumexp(z, 0) - z[t]  # noqa: E731

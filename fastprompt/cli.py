@@ -1,8 +1,8 @@
 """The `fastprompt` command: train | eval | report | sweep | config | demo | bench | world.
 
 Each command parses its arguments here and calls the library (fastprompt.api, .report, .sweep,
-.demo, .bench, .world.cli). A FastpromptError is the user's to fix: printed as one line, exit code 2. Anything
-else is a bug and keeps its traceback. Every command is described in docs/cli.md.
+.demo, .bench, .world.cli). A FastpromptError is the user's to fix: printed as one line, exit code
+2. Anything else is a bug and keeps its traceback. Every command is described in docs/cli.md.
 """
 from __future__ import annotations
 

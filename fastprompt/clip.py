@@ -1,9 +1,10 @@
 """Load an open_clip model as fastprompt's frozen backbone, with the architecture its weights need.
 
 Weights come from an open_clip pretrained tag ("openai", "laion2b_s34b_b88k", ...), from weights
-shipped inside fastprompt (fastprompt.shipped_weights: `fastprompt-world`/"world", the demo's), from a
-local checkpoint file, or from random initialisation (tests, `fastprompt demo --smoke`). The backbone is always frozen
-and in eval mode; prompt methods train only their own parameters on top of it.
+shipped inside fastprompt (fastprompt.shipped_weights: `fastprompt-world`/"world", the demo's),
+from a local checkpoint file, or from random initialisation (tests, `fastprompt demo --smoke`). The
+backbone is always frozen and in eval mode; prompt methods train only their own parameters on top
+of it.
 
 The activation is part of the architecture the weights were trained with, and the model name alone
 does not say it: OpenAI trained every CLIP with QuickGELU (x * sigmoid(1.702 x)), open_clip's plain

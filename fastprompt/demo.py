@@ -30,7 +30,7 @@ DEMO_DATASET = "world_by_colour_cast"
 
 # The demo's settings for one method; configs/demo.yaml holds the same (a test keeps the two equal).
 # The published optimiser (SGD lr 0.0035, batch 4, 10 epochs, seeds 1 2 3) with 8 shots instead of 16,
-# which halves the time: the demo's four methods take a few minutes on 2 CPU cores.
+# half the training steps: the demo's four methods take about 2.5 minutes on 2 CPU cores.
 DEMO_SETTINGS: dict = {
     "model": {"name": "fastprompt-world", "pretrained": "world", "dtype": "fp32"},
     "method": {"name": "dept+coop", "options": {}},
@@ -47,7 +47,7 @@ DEMO_SETTINGS: dict = {
 # (maple, dpl, dept+kgcoop, ...) with the same settings, deep prompts clipped to the model's layers.
 DEMO_METHODS = ("zsclip", "coop", "dept+coop", "kgcoop")
 
-# `fastprompt demo --fast` (CI): one seed, three methods, fewer epochs.
+# `fastprompt demo --fast`: a quicker look (three methods, one seed, fewer epochs).
 FAST_OVERRIDES = ["data.seeds=[1]", "train.epochs=4"]
 FAST_METHODS = ("zsclip", "coop", "dept+coop")
 

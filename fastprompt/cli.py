@@ -1,8 +1,8 @@
-"""The `fastprompt` command: train | eval | report | sweep | config | demo | bench.
+"""The `fastprompt` command: train | eval | report | sweep | config | demo | bench | world.
 
 Each command parses its arguments here and calls the library (fastprompt.api, .report, .sweep,
-.demo, .bench). A FastpromptError is the user's to fix: printed as one line, exit code 2. Anything
-else is a bug and keeps its traceback. Every command is described in docs/cli.md.
+.demo, .bench, .world.cli). A FastpromptError is the user's to fix: printed as one line, exit code
+2. Anything else is a bug and keeps its traceback. Every command is described in docs/cli.md.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastprompt",
         description="Fast prompt tuning of CLIP models (CoOp, CoCoOp, KgCoOp, MaPLe, DPL, DePT).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `fastprompt demo` for a complete run on the CPU in under a minute; `fastprompt COMMAND --help` for "
-               "details; the documentation is docs/index.md (docs/cli.md for the commands).",
+        epilog="Run `fastprompt demo` for complete base-to-new runs on the CPU in a few minutes; `fastprompt COMMAND "
+               "--help` for details; the documentation is docs/index.md (docs/cli.md for the commands).",
     )
     parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,16 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     demo = sub.add_parser(
-        "demo", help="a complete base-to-new run (DePT + CoOp) on bundled digits with a tiny random CLIP, on CPU",
-        description="Write scikit-learn's handwritten digits as an ImageFolder, train DePT + CoOp on the base "
-                    "digits with a small randomly initialised open_clip ViT, evaluate base and new, and print "
-                    "the Base/New/HM table, throughput and the run folder. Needs no GPU and no network.",
+        "demo", help="base-to-new prompt tuning on a rendered world with a tiny pretrained CLIP, on CPU (minutes)",
+        description="Render the world's base-to-new task (docs/world.md), load fastprompt-world with its shipped "
+                    "weights, run zero-shot CLIP, CoOp, DePT + CoOp and KgCoOp on the base classes, evaluate base and "
+                    "new, and print the Base/New/HM table beside chance and colour-only baselines. Needs no GPU and "
+                    "no network. --smoke instead checks the pipeline in seconds on bundled digits with a random CLIP.",
     )
-    demo.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo)")
-    from .demo import FAST_OVERRIDES
+    demo.add_argument("--output-dir", default=None, help="run folder (default: runs/demo, or runs/demo-smoke)")
+    from .demo import FAST_METHODS, FAST_OVERRIDES
 
     demo.add_argument("--fast", action="store_true",
-                      help=f"one seed and fewer epochs, for CI (adds {' '.join(FAST_OVERRIDES)})")
+                      help=f"{', '.join(FAST_METHODS)} only, one seed and fewer epochs ({' '.join(FAST_OVERRIDES)})")
+    demo.add_argument("--methods", default=None, help="comma-separated methods to run instead of the demo's list")
+    demo.add_argument("--smoke", action="store_true",
+                      help="the pipeline check: DePT + CoOp on bundled digits with a RANDOM CLIP (meaningless "
+                           "accuracies, seconds)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
     bench = sub.add_parser("bench", help="training throughput: fastprompt vs the official-style path",
@@ -142,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_report = bench_sub.add_parser("report", help="chart (PNG) and table from a bench train JSON")
     bench_report.add_argument("result", help="a JSON written by `fastprompt bench train`")
     bench_report.add_argument("--out", default=None, help="PNG path (default: next to the JSON)")
+    from .world.cli import build_parser as world_parser
+
+    world_parser(sub.add_parser(
+        "world", help="the rendered world: pretrain its CLIP, export a task as an ImageFolder, list tasks",
+        description="fastprompt's offline benchmark: a rendered world of coloured shapes and a tiny CLIP pretrained "
+                    "on it (docs/world.md)."))
     return parser
 
 
@@ -312,10 +323,23 @@ def _config(args) -> None:
           end="")
 
 
-def _demo(args) -> None:
-    from .demo import run_demo
+def _world(args) -> None:
+    from .world.cli import main as world_main
 
-    run_demo(args.output_dir, args.overrides, fast=args.fast)
+    world_main(args)
+
+
+def _demo(args) -> None:
+    from .demo import run_demo, run_smoke
+    from .errors import ConfigError
+
+    if args.smoke:
+        if args.fast or args.methods:
+            raise ConfigError("--smoke runs DePT + CoOp on digits only; drop --fast/--methods")
+        run_smoke(args.output_dir, args.overrides)
+        return
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    run_demo(args.output_dir, args.overrides, fast=args.fast, methods=methods)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -337,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from .training import TrainingInterrupted
 
     handler = {"train": _train, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
-               "sweep": _sweep, "config": _config}[args.command]
+               "sweep": _sweep, "config": _config, "world": _world}[args.command]
     from .atomic_io import WRITE_ONLY_ERRNOS, cannot_write
 
     try:

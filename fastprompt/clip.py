@@ -1,8 +1,10 @@
 """Load an open_clip model as fastprompt's frozen backbone, with the architecture its weights need.
 
-Weights come from an open_clip pretrained tag ("openai", "laion2b_s34b_b88k", ...), from a local
-checkpoint file, or from random initialisation (tests, the demo). The backbone is always frozen
-and in eval mode; prompt methods train only their own parameters on top of it.
+Weights come from an open_clip pretrained tag ("openai", "laion2b_s34b_b88k", ...), from weights
+shipped inside fastprompt (fastprompt.shipped_weights: `fastprompt-world`/"world", the demo's),
+from a local checkpoint file, or from random initialisation (tests, `fastprompt demo --smoke`). The
+backbone is always frozen and in eval mode; prompt methods train only their own parameters on top
+of it.
 
 The activation is part of the architecture the weights were trained with, and the model name alone
 does not say it: OpenAI trained every CLIP with QuickGELU (x * sigmoid(1.702 x)), open_clip's plain
@@ -13,6 +15,8 @@ weights in a GELU tower are ~1% off. So:
   ~/.cache/clip, which the research codebases load) builds QuickGELU, as OpenAI's own loader does;
 - a plain state-dict file carries no activation: the model name decides (`*-quickgelu` names build
   QuickGELU), and a log line says which was built and how to choose the other;
+- weights shipped with fastprompt build the activation recorded with them (fastprompt-world's
+  pretraining built its model config's nn.GELU);
 - random init: the model name decides.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import MissingFileError, ModelError
+from .shipped_weights import ShippedWeights, load_into, shipped_checkpoint, shipped_tags
 
 __all__ = ["ClipBundle", "load_clip", "available_models", "TINY_MODEL"]
 
@@ -203,6 +208,7 @@ def _check_tag(name: str, tag: str) -> dict:
     tags = open_clip.list_pretrained_tags_by_model(name)
     if tag in tags:
         return open_clip.get_pretrained_cfg(name, tag)
+    tags = tags + shipped_tags(name)
     owners = [m for m in open_clip.list_models() if tag in open_clip.list_pretrained_tags_by_model(m)]
     related = [m for m in owners if m.startswith(name) or name.startswith(m)]
     hint = f" Tag {tag!r} belongs to {', '.join(related)}." if related else ""
@@ -230,6 +236,14 @@ def _from_tag(name: str, tag: str, seed: int) -> _Built:
     return built
 
 
+def _from_shipped(shipped: ShippedWeights, seed: int) -> _Built:
+    """Weights inside the package, in towers built with the activation they were pretrained with
+    (recorded beside them), whatever the model config would build."""
+    model = load_into(_build(shipped.model, seed, shipped.quick_gelu, pretrained=None), shipped)
+    act = "QuickGELU" if shipped.quick_gelu else "GELU"
+    return _Built(model, f"weights {shipped.tag!r} shipped with fastprompt were pretrained with {act}")
+
+
 def _create(name: str, pretrained: Optional[str], seed: int) -> _Built:
     if name not in open_clip.list_models():
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
@@ -237,6 +251,9 @@ def _create(name: str, pretrained: Optional[str], seed: int) -> _Built:
         raise ModelError(f"unknown open_clip model {name!r}.{hint} See fastprompt.clip.available_models().")
     if pretrained is None or pretrained == "none":
         return _Built(_build(name, seed, None, pretrained=None), f"random weights: the model name {name!r} decides")
+    shipped = shipped_checkpoint(name, pretrained)
+    if shipped is not None:  # weights inside the package (fastprompt-world/world): no network
+        return _from_shipped(shipped, seed)
     pretrained = os.path.expanduser(pretrained)  # ~/.cache/clip/ViT-B-16.pt, as the research code keeps it
     if os.path.isfile(pretrained):
         return _from_file(name, pretrained, seed)
@@ -259,8 +276,9 @@ def load_clip(
     """Build open_clip model `name`, frozen and in eval mode, in `dtype` on `device`, with the
     activation its weights were trained with (see the module docstring).
 
-    pretrained: None (random init from `seed`, the same weights every time), an open_clip tag, a
-    local OpenAI checkpoint archive, or a local state-dict file.
+    pretrained: None (random init from `seed`, the same weights every time), an open_clip tag, a tag
+    of weights shipped with fastprompt (`load_clip("fastprompt-world", "world")`), a local OpenAI
+    checkpoint archive, or a local state-dict file.
     """
     dtype = _resolve_dtype(dtype)
     built = _create(name, pretrained, seed)

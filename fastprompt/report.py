@@ -97,9 +97,10 @@ def _data_name(r: dict) -> str:
     return str(root) if r.get("dataset") == "imagefolder" else ""
 
 
-def _train_rate(r: dict) -> float:
-    runs = r.get("runs") or [{}]
-    return sum((run.get("train") or {}).get("images_per_s", 0) for run in runs) / len(runs)
+def _train_rate(r: dict) -> str:
+    """Mean training images/s over the seeds, "-" for a row that trained nothing (zero-shot, baselines)."""
+    rates = [run["train"]["images_per_s"] for run in r.get("runs") or [] if "images_per_s" in (run.get("train") or {})]
+    return f"{sum(rates) / len(rates):.1f}" if rates else "-"
 
 
 def _base2new_rows(rows: list[dict], labels: list[str]) -> list[list]:
@@ -107,7 +108,7 @@ def _base2new_rows(rows: list[dict], labels: list[str]) -> list[list]:
     for r, label in zip(rows, labels):
         m = r["mean"]
         out.append([r["method"], r["dataset"], *([label] if any(labels) else []), _fmt(m["base"]), _fmt(m["new"]),
-                    _fmt(m["hm"]), f"{_train_rate(r):.1f}"])
+                    _fmt(m["hm"]), _train_rate(r)])
     # A sweep: each method's mean over its datasets, HM of the means (as the papers report); runs
     # with different settings are averaged apart.
     for method, label in dict.fromkeys((r["method"], label) for r, label in zip(rows, labels)):

@@ -19,15 +19,16 @@ LAYERS = [
     ("kernels", ["fastprompt.kernels"]),
     ("foundation", ["fastprompt.errors", "fastprompt.atomic_io", "fastprompt.distributed", "fastprompt.render"]),
     ("config", ["fastprompt.config"]),
-    ("data", ["fastprompt.data"]),
-    ("model", ["fastprompt.clip", "fastprompt.backends", "fastprompt.encoders", "fastprompt.methods", "fastprompt.compiled",
-               "fastprompt.fast_paths"]),
+    ("data", ["fastprompt.data", "fastprompt.world"]),
+    ("model", ["fastprompt.clip", "fastprompt.shipped_weights", "fastprompt.backends", "fastprompt.encoders",
+               "fastprompt.methods", "fastprompt.compiled", "fastprompt.fast_paths"]),
     ("run folder", ["fastprompt.checkpoint", "fastprompt.run_lock", "fastprompt.run_folder"]),
     ("training", ["fastprompt.training"]),
-    ("metrics", ["fastprompt.metrics"]),
+    ("metrics", ["fastprompt.metrics", "fastprompt.world.baselines"]),
     ("protocols", ["fastprompt.protocols", "fastprompt.report"]),
-    ("applications", ["fastprompt.official", "fastprompt.sweep", "fastprompt.bench", "fastprompt.demo"]),
-    ("interface", ["fastprompt.api", "fastprompt.cli", "fastprompt.__main__", "fastprompt"]),
+    ("applications", ["fastprompt.official", "fastprompt.sweep", "fastprompt.bench", "fastprompt.demo",
+                      "fastprompt.world.pretrain"]),
+    ("interface", ["fastprompt.api", "fastprompt.cli", "fastprompt.__main__", "fastprompt", "fastprompt.world.cli"]),
 ]
 
 

@@ -1,5 +1,6 @@
-"""A plain `pip install` (a built wheel, no checkout) has every package and the config layers:
-`fastprompt config`, `train --protocol/--method` and `sweep` compose configs without configs/."""
+"""A plain `pip install` (a built wheel, no checkout) has every package, the config layers and the
+shipped weights: `fastprompt config`, `train --protocol/--method` and `sweep` compose configs
+without configs/, and fastprompt-world loads from the installed package."""
 import os
 import shutil
 import subprocess
@@ -32,6 +33,9 @@ def installed(tmp_path_factory) -> Path:
     assert "fastprompt/kernels/reference.py" in names
     layers = {str(p.relative_to(REPO)) for p in (REPO / "fastprompt" / "config" / "layers").rglob("*.yaml")}
     assert layers and layers <= set(names)
+    shipped = {"fastprompt/weights/fastprompt-world.safetensors", "fastprompt/weights/fastprompt-world.json",
+               "fastprompt/model_configs/fastprompt-world.json"}
+    assert shipped <= set(names)  # the demo's CLIP ships inside the package
     target = tmp / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True,
                    capture_output=True, timeout=300)
@@ -56,3 +60,9 @@ def test_an_installed_wheel_composes_configs_without_a_checkout(installed, tmp_p
     emitted = _fastprompt(installed, tmp_path, "sweep", "sweep.yaml", "--emit-commands")
     assert emitted.returncode == 0, emitted.stderr[-2000:]
     assert emitted.stdout.startswith("fastprompt train --protocol domain_generalisation --method dept+maple ")
+
+
+def test_an_installed_wheel_loads_the_shipped_world_weights(installed, tmp_path):
+    info = _fastprompt(installed, tmp_path, "world", "info")
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert f"shipped weights fastprompt-world/world: {installed / 'fastprompt' / 'weights'}" in info.stdout

@@ -23,7 +23,7 @@ from ..compiled import compile_encoders
 from ..config import OptimConfig
 from ..data import GpuAugment
 from ..fast_paths import configure_text, uses_frozen_image_features
-from ..methods import build_model, method_defaults
+from ..methods import build_model, depths_within
 from ..official import CpuAugmentDataset, build_official_model, official_batches, official_train_loader, train_transform
 from ..training import EpochBatches, Precision, build_optimizer, step_forward, train_step
 from .synthetic import ImageSource, class_names, synthetic_images, synthetic_jpegs
@@ -37,9 +37,8 @@ STYLES = ("fast", "official")
 def method_options(method: str, clip) -> dict:
     """Published defaults, with prompt depths (text `depth`, IVLP's and PromptSRC's `vis_depth`)
     clipped to the towers' layers (the tiny model has 3)."""
-    defaults = method_defaults(method)
     layers = min(len(clip.model.visual.transformer.resblocks), len(clip.model.transformer.resblocks))
-    return {key: min(defaults[key], layers) for key in ("depth", "vis_depth") if key in defaults}
+    return depths_within(method, layers)
 
 
 class Stepper:

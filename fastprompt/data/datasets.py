@@ -23,7 +23,8 @@ The four ImageNet variants read ImageNet's classnames.txt from their own folder 
 instructions copy it there), else from `<data root>/imagenet/classnames.txt`; they have only a
 test split. Class names of the split-file datasets are the split files' third column (CoOp's
 cleaned names). "imagefolder" reads a user's own tree (see `imagefolder.py`); its dataset name is
-the folder's name.
+the folder's name. The `world_*` datasets are rendered by fastprompt itself into
+`<data root>/world/` on first use (docs/world.md): nothing to download.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from .images import require_dir
 from .imagenet import IMAGENET_LAYOUT, load_imagenet, load_imagenet_variant, variant_layout
 from .split_files import FGVC_LAYOUT, load_fgvc_aircraft, load_split_file_dataset, split_file_layout
 from .splits import DatasetSplits, coverage_warnings
+from ..world.catalog import FOLDER as WORLD_FOLDER, LAYOUT as WORLD_LAYOUT, dataset_names as world_dataset_names
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class DatasetSpec:
     folder: str | None
     layout: str
     read: Callable[[Path, Path], DatasetSplits]  # (data root, dataset folder) -> splits
+    generated: bool = False  # rendered by fastprompt on first use: its folder need not exist yet
 
 
 def _split_file_spec(name: str, folder: str, image_dir: str, split_file: str) -> DatasetSpec:
@@ -89,6 +92,18 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def _world_spec(name: str, task: str, domain: str) -> DatasetSpec:
+    def read(root: Path, folder: Path) -> DatasetSplits:
+        from ..world.dataset import load_world  # imports the data layer: not at module level
+
+        return load_world(folder, task, domain)
+
+    return DatasetSpec(name, WORLD_FOLDER, WORLD_LAYOUT, read, generated=True)
+
+
+DATASETS.update({name: _world_spec(name, task, domain) for name, (task, domain) in world_dataset_names().items()})
+
+
 def locate_dataset(name: str, root: str | os.PathLike) -> tuple[Path, Path]:
     """(data root, dataset folder) of dataset `name` under `root`, checked to exist: the cheap part of
     `load_dataset`, which commands run before anything slow (a weights download). DatasetError
@@ -97,6 +112,8 @@ def locate_dataset(name: str, root: str | os.PathLike) -> tuple[Path, Path]:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
     root = Path(root).expanduser()
+    if spec.generated and (root.is_dir() or not root.exists()):
+        return root, root / spec.folder  # rendered into place by its reader on first use
     if not root.is_dir():
         state = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"data root {str(root)!r} for {name} {state}. Expected layout (docs/datasets.md):\n{spec.layout}")

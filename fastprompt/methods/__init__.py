@@ -5,7 +5,7 @@ from .cocoop import CoCoOp
 from .coop import CoOp
 from .dept import DePT
 from .dpl import DPL
-from .factory import BASE_METHODS, METHOD_NAMES, build_model, method_defaults, parse_method
+from .factory import BASE_METHODS, METHOD_NAMES, build_model, depths_within, method_defaults, parse_method
 from .ivlp import IVLP
 from .kgcoop import KgCoOp
 from .maple import MaPLe
@@ -14,5 +14,6 @@ from .zsclip import ZeroShotCLIP
 
 __all__ = [
     "ModelOutput", "PromptModel", "PromptedCLIP", "CoOp", "CoCoOp", "KgCoOp", "MaPLe", "DPL", "IVLP", "PromptSRC",
-    "DePT", "ZeroShotCLIP", "BASE_METHODS", "METHOD_NAMES", "build_model", "method_defaults", "parse_method",
+    "DePT", "ZeroShotCLIP", "BASE_METHODS", "METHOD_NAMES", "build_model", "depths_within", "method_defaults",
+    "parse_method",
 ]

@@ -64,6 +64,13 @@ def method_defaults(method: str) -> Dict[str, object]:
     return defaults
 
 
+def depths_within(method: str, num_layers: int) -> Dict[str, int]:
+    """`method`'s prompt depths (text `depth`, IVLP's and PromptSRC's `vis_depth`) at their published
+    values, clipped to `num_layers`: the options that run it on a model with towers that shallow."""
+    defaults = method_defaults(method)
+    return {key: min(defaults[key], num_layers) for key in ("depth", "vis_depth") if key in defaults}
+
+
 def _check_type(method: str, key: str, value, default) -> object:
     if value is None and key in NULLABLE:
         return value

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from fastprompt.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "demo.yaml")
+CONFIG = str(REPO / "configs" / "smoke.yaml")
 TINY = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.dataset=imagefolder", "data.seeds=[1]",
         "data.shots=2", "train.epochs=1", "train.batch_size=4", "train.precision=fp32", "train.device=cpu",
         "train.num_workers=0", "train.progress=false"]

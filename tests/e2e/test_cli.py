@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fastprompt.cli import main
 from fastprompt.config import config_to_dict, load_config
-from fastprompt.demo import demo_config
+from fastprompt.demo import demo_config, smoke_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,9 +25,9 @@ def _final_weights(run_dir: Path) -> dict:
     return load_file(ckpts / (ckpts / "latest").read_text() / "model.safetensors")
 
 
-def test_demo_runs_and_prints_the_table(tmp_path, run_cli, capsys):
+def test_smoke_demo_runs_and_prints_the_table(tmp_path, run_cli, capsys):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--fast", "--output-dir", str(out))
+    proc = run_cli("demo", "--smoke", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     assert "| method | dataset | Base | New | HM | train images/s |" in text
@@ -76,7 +76,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, digits_root, fast)
     run_protocol(load_config(None, [*overrides, f"output_dir={straight_dir}"]), say=lambda m: None)
 
     killed_dir = tmp_path / "killed"
-    args = [sys.executable, "-m", "fastprompt", "train", str(REPO / "configs" / "demo.yaml"), *overrides,
+    args = [sys.executable, "-m", "fastprompt", "train", str(REPO / "configs" / "smoke.yaml"), *overrides,
             f"output_dir={killed_dir}"]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -152,9 +152,11 @@ def test_demo_help_and_yaml_comments_say_what_the_demo_does(capsys):
 
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
-    assert " ".join(FAST_OVERRIDES) in " ".join(capsys.readouterr().out.split())  # --fast's help
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(FAST_OVERRIDES) in help_text and "--smoke" in help_text  # --fast's and --smoke's help
     comments = (REPO / "configs" / "demo.yaml").read_text()
-    assert "fastprompt train configs/demo.yaml --overwrite" in comments and "a few minutes" not in comments
+    assert "fastprompt train configs/demo.yaml method.name=coop output_dir=runs/demo/coop --overwrite" in comments
+    assert "fastprompt train configs/smoke.yaml --overwrite" in (REPO / "configs" / "smoke.yaml").read_text()
 
 
 def test_demo_yaml_matches_the_demo_settings():
@@ -162,3 +164,4 @@ def test_demo_yaml_matches_the_demo_settings():
     builtin = demo_config(output_dir="runs/demo")
     assert config_to_dict(shipped) == config_to_dict(builtin)
     assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["method"]["name"] == "dept+coop"
+    assert config_to_dict(load_config(REPO / "configs" / "smoke.yaml")) == config_to_dict(smoke_config())

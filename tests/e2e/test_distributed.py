@@ -39,7 +39,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, digits_root, fast):
     run_protocol(load_config(None, [*overrides, f"output_dir={single}"]), say=lambda m: None)
 
     ddp = tmp_path / "ddp"
-    proc = _torchrun(2, "train", str(REPO / "configs" / "demo.yaml"), *overrides, f"output_dir={ddp}")
+    proc = _torchrun(2, "train", str(REPO / "configs" / "smoke.yaml"), *overrides, f"output_dir={ddp}")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "| dept+coop | imagefolder |" in proc.stdout  # rank 0 prints the table once
     assert proc.stdout.count("| dept+coop | imagefolder |") == 1
@@ -90,7 +90,7 @@ def test_torchrun_promptsrc_frozen_branch_and_aggregation_equal_one_process(tmp_
 
 
 def test_torchrun_refuses_a_batch_that_does_not_split(tmp_path, digits_root, fast):
-    proc = _torchrun(2, "train", str(REPO / "configs" / "demo.yaml"), *fast, f"data.root={digits_root}",
+    proc = _torchrun(2, "train", str(REPO / "configs" / "smoke.yaml"), *fast, f"data.root={digits_root}",
                      "data.shots=4", "train.batch_size=5", f"output_dir={tmp_path / 'odd'}")
     assert proc.returncode != 0
     ours = proc.stderr.split("torch/distributed/elastic")[0]  # before torchrun's own failure report
@@ -164,7 +164,7 @@ def test_sigterm_to_torchrun_saves_once_and_resumes_to_the_single_process_result
     ddp = tmp_path / "ddp"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastprompt", "train",
-           str(REPO / "configs" / "demo.yaml"), *overrides, f"output_dir={ddp}"]
+           str(REPO / "configs" / "smoke.yaml"), *overrides, f"output_dir={ddp}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = ddp / "seed1" / "metrics.jsonl"

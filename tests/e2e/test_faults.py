@@ -25,7 +25,7 @@ from fastprompt.protocols import run_protocol
 from fastprompt.training import fit
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "demo.yaml")
+CONFIG = str(REPO / "configs" / "smoke.yaml")
 # 4 shots x 5 base classes = 20 images at batch 2: 10 steps per epoch, 4 epochs, a checkpoint each epoch.
 RUN = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.dataset=imagefolder", "data.seeds=[1]",
        "data.shots=4", "data.crop_scale=[0.9,1.0]", "train.epochs=4", "train.batch_size=2", "train.precision=fp32",

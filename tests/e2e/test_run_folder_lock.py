@@ -18,7 +18,7 @@ import yaml
 from fastprompt.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "demo.yaml")
+CONFIG = str(REPO / "configs" / "smoke.yaml")
 RUN = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.dataset=imagefolder", "data.seeds=[1]",
        "data.shots=2", "train.epochs=2", "train.batch_size=4", "train.precision=fp32", "train.device=cpu",
        "train.num_workers=0", "train.progress=false"]

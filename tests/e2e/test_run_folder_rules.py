@@ -12,7 +12,7 @@ import yaml
 from fastprompt.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "demo.yaml")
+CONFIG = str(REPO / "configs" / "smoke.yaml")
 TINY = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.dataset=imagefolder", "data.seeds=[1]",
         "data.shots=2", "train.epochs=2", "train.batch_size=4", "train.precision=fp32", "train.device=cpu",
         "train.num_workers=0", "train.progress=false"]
@@ -212,3 +212,30 @@ def test_demo_replaces_only_a_demo_run(trained, tmp_path, capsys):
     err = _error(capsys, ["demo", "--fast", "--output-dir", str(other)])
     assert f"{other} holds a run that is not a demo's" in err and "--output-dir" in err
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
+def test_the_world_demo_replaces_its_own_method_folders_and_refuses_any_other_run(tmp_path, monkeypatch):
+    import fastprompt.demo as demo
+    from fastprompt.errors import RunFolderError
+    from fastprompt.run_folder import RunFolder
+
+    out = tmp_path / "demo"
+    earlier = demo.demo_config(out, method="coop")  # an earlier demo's CoOp folder, with a result
+    RunFolder(earlier.output_dir).create()
+    RunFolder(earlier.output_dir).record_config(earlier)
+    (Path(earlier.output_dir) / "results.json").write_text("{}")
+    (out / "report.md").write_text("old table")
+    ran = []
+    monkeypatch.setattr(demo, "_demo", lambda configs, *args: ran.append([c.method.name for c in configs]) or [])
+    demo.run_demo(out, methods=("zsclip", "coop"), say=lambda m: None)
+    assert ran == [["zsclip", "coop"]]
+    assert not (Path(earlier.output_dir) / "results.json").exists() and not (out / "report.md").exists()
+
+    # A run folder the demo did not write, anywhere below its folder, stops it before anything is removed.
+    mine = demo.demo_config(out, ["data.root=/elsewhere"], method="kgcoop")
+    RunFolder(mine.output_dir).create()
+    RunFolder(mine.output_dir).record_config(mine)
+    (Path(mine.output_dir) / "results.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="holds a run that is not a demo's"):
+        demo.run_demo(out, methods=("zsclip", "kgcoop"), say=lambda m: None)
+    assert (Path(mine.output_dir) / "results.json").exists() and ran == [["zsclip", "coop"]]

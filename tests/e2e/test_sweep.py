@@ -18,7 +18,7 @@ TINY = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.shots=2", "
 
 
 def _sweep_file(tmp_path, digits_root, **extra) -> Path:
-    spec = {"protocol": "base2new", "config": str(REPO / "configs" / "demo.yaml"), "methods": ["coop", "dept+coop"],
+    spec = {"protocol": "base2new", "config": str(REPO / "configs" / "smoke.yaml"), "methods": ["coop", "dept+coop"],
             "datasets": ["imagefolder"], "seeds": [1, 2], "overrides": [*TINY, f"data.root={digits_root}"],
             "output_dir": str(tmp_path / "sweep" / "{protocol}" / "{method}" / "{dataset}"),
             "report_dir": str(tmp_path / "sweep" / "report"), **extra}

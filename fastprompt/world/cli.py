@@ -19,8 +19,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "pretrain", help="pretrain the world CLIP from a seed (reproduces the shipped fastprompt-world weights)",
         description="Contrastive pretraining of fastprompt-world on freshly rendered images (docs/world.md). "
                     "With the defaults it rebuilds the shipped weights, bit for bit on a CPU with the same torch "
-                    "version and thread count (the shipped run took 30 minutes on 2 cores shared with other jobs; "
-                    "its record is in fastprompt/weights/fastprompt-world.json). On a shared, busy machine set "
+                    "version and thread count (12 minutes on 2 quiet CPU cores, 30 on busy ones; the shipped run's "
+                    "record is in fastprompt/weights/fastprompt-world.json). On a shared, busy machine set "
                     "OMP_WAIT_POLICY=PASSIVE: the two threads then stop spinning against other processes (the "
                     "same weights).")
     pre.add_argument("--out", default=DEFAULT_OUT, help=f"weights file to write (default {DEFAULT_OUT}); a JSON record "

@@ -159,7 +159,7 @@ def _train(recipe: Recipe, dev: torch.device, say: Callable[[str], None], log_ev
         if log_every and ((step + 1) % log_every == 0 or step + 1 == recipe.steps):
             recent = sum(losses[-window:]) / len(losses[-window:])
             say(f"step {step + 1:5d}/{recipe.steps}  loss {recent:.4f}  lr {_lr_at(step, recipe):.2e}  "
-                f"scale {float(model.logit_scale.exp()):.1f}  {time.perf_counter() - start:.0f} s")
+                f"scale {float(model.logit_scale.detach().exp()):.1f}  {time.perf_counter() - start:.0f} s")
 
     with torch.no_grad():  # the trained rows back into the full table; rows never read are zero
         table = torch.zeros_like(model.token_embedding.weight)

@@ -14,23 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastprompt.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "smoke.yaml")
-TINY = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.dataset=imagefolder", "data.seeds=[1]",
-        "data.shots=2", "train.epochs=1", "train.batch_size=4", "train.precision=fp32", "train.device=cpu",
-        "train.num_workers=0", "train.progress=false"]
-
-
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"fastprompt {argv[0]}: error: ") and "Traceback" not in err
-    return err
-
-
-def _snapshot(folder: Path) -> dict:
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+from tiny_runs import CONFIG, REPO, TINY, cli_error as _error, snapshot as _snapshot
 
 
 @pytest.mark.parametrize(

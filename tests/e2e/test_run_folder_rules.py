@@ -10,23 +10,14 @@ import pytest
 import yaml
 
 from fastprompt.cli import main
+from tiny_runs import CONFIG, cli_error as _error, tiny_settings, train_argv
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "smoke.yaml")
-TINY = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.dataset=imagefolder", "data.seeds=[1]",
-        "data.shots=2", "train.epochs=2", "train.batch_size=4", "train.precision=fp32", "train.device=cpu",
-        "train.num_workers=0", "train.progress=false"]
+
+TINY = tiny_settings(epochs=2)
 
 
 def _train(digits_root, out, *extra) -> list[str]:
-    return ["train", CONFIG, *TINY, f"data.root={digits_root}", f"output_dir={out}", *extra]
-
-
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"fastprompt {argv[0]}: error: ") and "Traceback" not in err
-    return err
+    return train_argv(digits_root, out, *extra, settings=TINY)
 
 
 def _keys(d, prefix=""):

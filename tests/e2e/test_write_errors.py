@@ -13,20 +13,10 @@ from pathlib import Path
 import pytest
 
 from fastprompt.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "smoke.yaml")
-TINY = ["model.name=fastprompt-tiny", "model.pretrained=null", "data.dataset=imagefolder", "data.seeds=[1]",
-        "data.shots=2", "train.epochs=1", "train.batch_size=4", "train.precision=fp32", "train.device=cpu",
-        "train.num_workers=0", "train.progress=false"]
+from tiny_runs import REPO, snapshot as _snapshot, train_argv
 
 
-def _train(digits_root, out, *extra) -> list[str]:
-    return ["train", CONFIG, *TINY, f"data.root={digits_root}", f"output_dir={out}", *extra]
-
-
-def _snapshot(folder: Path) -> dict:
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+_train = train_argv
 
 
 def _cannot_write(capsys, argv, path) -> str:
